@@ -1,0 +1,1 @@
+"""mailgate.core: the minimal MTA (SMTP listeners, spool, local delivery, users, CLI)."""

@@ -1,0 +1,385 @@
+"""The typed configuration of mailgate: one validated object from YAML, environment and flags.
+
+Precedence, lowest first: built-in defaults, the YAML file (``--config``), ``MAILGATE_*``
+environment variables, command-line flags. Every problem is reported at once, each naming
+where the bad value came from: ``file:line: field: message`` for the YAML file,
+``$MAILGATE_FIELD: message`` for the environment and ``--flag: message`` for flags.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import re
+import socket
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from mailgate.core.errors import ConfigError
+
+ENV_PREFIX = "MAILGATE_"
+_SIZE_UNITS = {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3}
+_SIZE_RE = re.compile(r"^\s*(\d+)\s*([kKmMgG]?)[bB]?\s*$")
+_DOMAIN_RE = re.compile(
+    r"^(?=.{1,253}$)(?!-)[a-z0-9-]{1,63}(?<!-)(\.(?!-)[a-z0-9-]{1,63}(?<!-))*$", re.IGNORECASE
+)
+
+
+@dataclass(frozen=True, slots=True)
+class ListenAddress:
+    """One listening socket: ``host:port``, ``[v6]:port`` or ``unix:/path``."""
+
+    host: str = ""
+    port: int = 0
+    path: str = ""
+
+    @property
+    def is_unix(self) -> bool:
+        return bool(self.path)
+
+    def __str__(self) -> str:
+        if self.path:
+            return f"unix:{self.path}"
+        if ":" in self.host:
+            return f"[{self.host}]:{self.port}"
+        return f"{self.host}:{self.port}"
+
+
+def parse_listen(value: str) -> ListenAddress:
+    """Parse one listen value; raise ValueError with a message an operator understands."""
+    text = value.strip()
+    if text.startswith("unix:"):
+        path = text[5:]
+        if not path.startswith("/"):
+            raise ValueError(f"unix socket path must be absolute, got {path!r}")
+        return ListenAddress(path=path)
+    if text.startswith("["):
+        close = text.find("]")
+        if close < 0 or text[close + 1 : close + 2] != ":":
+            raise ValueError(f"expected [v6-address]:port, got {text!r}")
+        host, port_text = text[1:close], text[close + 2 :]
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            raise ValueError(f"{host!r} is not an IPv6 address") from None
+    else:
+        host, sep, port_text = text.rpartition(":")
+        if not sep or not host:
+            raise ValueError(f"expected host:port, [v6]:port or unix:/path, got {text!r}")
+        if ":" in host:
+            raise ValueError(f"IPv6 addresses must be bracketed: [{host}]:{port_text}")
+    if not port_text.isdigit() or not 0 < int(port_text) < 65536:
+        raise ValueError(f"port must be a number from 1 to 65535, got {port_text!r}")
+    return ListenAddress(host=host, port=int(port_text))
+
+
+def parse_size(value: Any) -> int:
+    """Accept 1048576, "1048576", "10M", "512k", "1G"."""
+    if isinstance(value, bool):
+        raise ValueError("expected a size such as 10485760 or 10M")
+    if isinstance(value, int):
+        return value
+    match = _SIZE_RE.match(str(value))
+    if not match:
+        raise ValueError(f"expected a size such as 10485760 or 10M, got {value!r}")
+    return int(match.group(1)) * _SIZE_UNITS[match.group(2).lower()]
+
+
+def _split_list(value: Any) -> Any:
+    if isinstance(value, str):
+        return [part.strip() for part in value.split(",") if part.strip()]
+    return value
+
+
+class Config(BaseModel):
+    """Every setting of the core. See docs/configuration.md for the meaning of each."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+
+    data_dir: Path = Path("var")
+    hostname: str = Field(default_factory=socket.getfqdn)
+    smtp_listen: list[ListenAddress] = Field(default_factory=lambda: ["127.0.0.1:2525"])  # type: ignore[arg-type,list-item]
+    submission_listen: list[ListenAddress] = Field(
+        default_factory=lambda: ["127.0.0.1:2587"]  # type: ignore[arg-type,list-item]
+    )
+    smtps_listen: list[ListenAddress] = Field(default_factory=lambda: ["127.0.0.1:2465"])  # type: ignore[arg-type,list-item]
+    local_domains: list[str] = Field(default_factory=list)
+
+    max_message_size: int = Field(default=25 * 1024 * 1024, ge=1024)
+    max_recipients: int = Field(default=100, ge=1)
+    max_connections: int = Field(default=200, ge=1)
+    max_connections_per_ip: int = Field(default=20, ge=1)
+    rate_limit_connections: int = Field(default=120, ge=0)
+    rate_limit_window: float = Field(default=60.0, gt=0)
+    max_line_length: int = Field(default=1000, ge=80)
+    max_errors: int = Field(default=20, ge=1)
+
+    command_timeout: float = Field(default=300.0, gt=0)
+    data_init_timeout: float = Field(default=120.0, gt=0)
+    data_block_timeout: float = Field(default=180.0, gt=0)
+    data_term_timeout: float = Field(default=600.0, gt=0)
+    shutdown_grace: float = Field(default=30.0, ge=0)
+
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+
+    auth_on_loopback_without_tls: bool = False
+    auth_max_failures: int = Field(default=5, ge=1)
+    auth_failure_window: float = Field(default=300.0, gt=0)
+    auth_failure_delay: float = Field(default=1.0, ge=0)
+    smtp_auth: bool = True
+
+    vrfy: bool = False
+    relay_networks: list[str] = Field(default_factory=list)
+    open_relay: bool = False
+    reject_8bit_without_8bitmime: bool = False
+
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
+    @field_validator("smtp_listen", "submission_listen", "smtps_listen", mode="before")
+    @classmethod
+    def _listen(cls, value: Any) -> Any:
+        value = _split_list(value)
+        if not isinstance(value, list):
+            raise ValueError("expected a listen address or a list of them")
+        return [item if isinstance(item, ListenAddress) else parse_listen(str(item)) for item in value]
+
+    @field_validator("local_domains", mode="before")
+    @classmethod
+    def _domains_list(cls, value: Any) -> Any:
+        return _split_list(value)
+
+    @field_validator("local_domains")
+    @classmethod
+    def _domains(cls, value: list[str]) -> list[str]:
+        out = []
+        for domain in value:
+            domain = domain.strip().rstrip(".").lower()
+            if not _DOMAIN_RE.match(domain):
+                raise ValueError(f"{domain!r} is not a valid domain name")
+            out.append(domain)
+        return out
+
+    @field_validator("relay_networks", mode="before")
+    @classmethod
+    def _networks_list(cls, value: Any) -> Any:
+        return _split_list(value)
+
+    @field_validator("relay_networks")
+    @classmethod
+    def _networks(cls, value: list[str]) -> list[str]:
+        for net in value:
+            try:
+                ipaddress.ip_network(net, strict=False)
+            except ValueError:
+                raise ValueError(f"{net!r} is not an IP network (e.g. 192.0.2.0/24)") from None
+        return value
+
+    @field_validator("max_message_size", mode="before")
+    @classmethod
+    def _size(cls, value: Any) -> Any:
+        return parse_size(value)
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _level(cls, value: Any) -> Any:
+        return str(value).upper()
+
+    @field_validator("hostname")
+    @classmethod
+    def _hostname(cls, value: str) -> str:
+        if not _DOMAIN_RE.match(value.rstrip(".")):
+            raise ValueError(f"{value!r} is not a valid host name")
+        return value.rstrip(".")
+
+    @model_validator(mode="after")
+    def _tls_pair(self) -> Config:
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("tls_cert and tls_key must be set together")
+        return self
+
+    # Paths derived from data_dir, so every part agrees on the layout.
+    @property
+    def spool_dir(self) -> Path:
+        return self.data_dir / "spool"
+
+    @property
+    def mail_dir(self) -> Path:
+        return self.data_dir / "mail"
+
+    @property
+    def user_db(self) -> Path:
+        return self.data_dir / "users.sqlite3"
+
+    @property
+    def relay_network_objects(self) -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:
+        return [ipaddress.ip_network(net, strict=False) for net in self.relay_networks]
+
+
+FIELDS: tuple[str, ...] = tuple(Config.model_fields)
+
+
+def env_name(field: str) -> str:
+    return ENV_PREFIX + field.upper()
+
+
+def flag_name(field: str) -> str:
+    return "--" + field.replace("_", "-")
+
+
+# -- reading the sources ---------------------------------------------------------------
+
+
+class _LineLoader(yaml.SafeLoader):
+    """A safe loader that remembers the line of every mapping key and sequence item."""
+
+
+def _yaml_with_lines(text: str, filename: str) -> tuple[Any, dict[tuple[Any, ...], int]]:
+    lines: dict[tuple[Any, ...], int] = {}
+
+    def walk(node: yaml.Node, path: tuple[Any, ...]) -> None:
+        lines.setdefault(path, node.start_mark.line + 1)
+        if isinstance(node, yaml.MappingNode):
+            for key_node, value_node in node.value:
+                key = key_node.value
+                lines[(*path, key)] = key_node.start_mark.line + 1
+                walk(value_node, (*path, key))
+        elif isinstance(node, yaml.SequenceNode):
+            for index, item in enumerate(node.value):
+                lines[(*path, index)] = item.start_mark.line + 1
+                walk(item, (*path, index))
+
+    try:
+        loader = _LineLoader(text)
+        try:
+            root = loader.get_single_node()
+            if root is None:
+                return {}, lines
+            walk(root, ())
+            data = loader.construct_document(root)
+        finally:
+            loader.dispose()
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{filename}:{mark.line + 1}" if mark is not None else filename
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise ConfigError([f"{where}: invalid YAML: {problem}"]) from None
+    return data, lines
+
+
+def _read_file(path: Path) -> tuple[dict[str, Any], dict[tuple[Any, ...], int]]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError([f"{path}: cannot read: {exc.strerror}"]) from None
+    except UnicodeDecodeError:
+        raise ConfigError([f"{path}: not UTF-8 text"]) from None
+    data, lines = _yaml_with_lines(text, str(path))
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError([f"{path}:1: the top level must be a mapping of setting: value"])
+    return data, lines
+
+
+@dataclass
+class _Origin:
+    kind: Literal["file", "env", "flag", "default"]
+    file: str = ""
+
+
+def load_config(
+    path: Path | str | None = None,
+    *,
+    environ: Mapping[str, str] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> Config:
+    """Build the Config from a YAML file, the environment and flag overrides, or raise ConfigError."""
+    environ = os.environ if environ is None else environ
+    values: dict[str, Any] = {}
+    origins: dict[str, _Origin] = {}
+    lines: dict[tuple[Any, ...], int] = {}
+    problems: list[str] = []
+    filename = str(path) if path is not None else ""
+
+    if path is not None:
+        data, lines = _read_file(Path(path))
+        for key, value in data.items():
+            values[str(key)] = value
+            origins[str(key)] = _Origin("file", filename)
+
+    known_env = {env_name(field): field for field in FIELDS}
+    for name, value in environ.items():
+        if not name.startswith(ENV_PREFIX) or name in _ENV_NOT_SETTINGS:
+            continue
+        field = known_env.get(name)
+        if field is None:
+            problems.append(f"${name}: unknown setting (see docs/configuration.md)")
+            continue
+        values[field] = value
+        origins[field] = _Origin("env")
+
+    for field, value in (overrides or {}).items():
+        if value is None:
+            continue
+        values[field] = value
+        origins[field] = _Origin("flag")
+
+    try:
+        config = Config(**values)
+    except ValidationError as exc:
+        for error in exc.errors():
+            loc = tuple(error["loc"])
+            field = str(loc[0]) if loc else ""
+            problems.append(_describe(error, loc, origins.get(field), lines, filename))
+        raise ConfigError(problems) from None
+    if problems:
+        raise ConfigError(problems)
+    return config
+
+
+# Variables with the prefix that configure tooling rather than the gateway itself.
+_ENV_NOT_SETTINGS = frozenset({"MAILGATE_CONFIG"})
+
+
+def _describe(
+    error: Mapping[str, Any],
+    loc: tuple[Any, ...],
+    origin: _Origin | None,
+    lines: Mapping[tuple[Any, ...], int],
+    filename: str,
+) -> str:
+    field_path = "".join(f"[{part}]" if isinstance(part, int) else f".{part}" for part in loc)
+    field_path = field_path.lstrip(".") or "(top level)"
+    message = str(error.get("msg", "invalid value"))
+    message = message.removeprefix("Value error, ")
+    if error.get("type") == "extra_forbidden":
+        message = "unknown setting (see docs/configuration.md)"
+    if not loc:
+        return f"{filename or 'configuration'}: {message}"
+    field = str(loc[0])
+    if origin is None or origin.kind == "default":
+        return f"{field_path}: {message}"
+    if origin.kind == "env":
+        return f"${env_name(field)}: {message}"
+    if origin.kind == "flag":
+        return f"{flag_name(field)}: {message}"
+    line = None
+    for depth in range(len(loc), 0, -1):
+        line = lines.get(tuple(loc[:depth]))
+        if line is not None:
+            break
+    where = f"{filename}:{line}" if line is not None else filename
+    return f"{where}: {field_path}: {message}"

@@ -1,0 +1,110 @@
+"""`mailgate serve`: start the gateway (listeners, spool, local delivery) and supervise it.
+
+Everything is checked and bound before the first message is accepted: a bad setting, a
+missing certificate or a port in use stops the start with a clear message, never a
+half-working server. SIGTERM/SIGINT stop it gracefully (see ``SmtpServer.shutdown``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import sys
+
+from mailgate.core.config import Config
+from mailgate.core.config_cli import add_config_option, add_setting_flags, config_from_args
+from mailgate.core.errors import ConfigError
+from mailgate.core.smtp.server import ServerContext, SmtpServer
+from mailgate.core.spool.delivery import DeliveryAgent
+from mailgate.core.spool.maildir import MaildirStore
+from mailgate.core.spool.spool import Spool
+from mailgate.core.tls import ensure_certificate, server_context
+from mailgate.core.users.sqlite import SQLiteUserStore
+
+log = logging.getLogger("mailgate")
+
+LOG_FORMAT = "%(asctime)s %(name)s[%(process)d]: %(levelname)s %(message)s"
+
+
+def setup_logging(level: str) -> None:
+    logging.basicConfig(level=level, format=LOG_FORMAT, stream=sys.stderr, force=True)
+    # aiosmtpd logs every command line at INFO; our session logs what an operator needs.
+    logging.getLogger("mail.log").setLevel(logging.WARNING)
+
+
+async def run_gateway(config: Config, *, ready: asyncio.Event | None = None) -> int:
+    """Run until SIGTERM/SIGINT; return the process exit status."""
+    config.data_dir.mkdir(parents=True, exist_ok=True, mode=0o750)
+    cert, key = ensure_certificate(config.tls_cert, config.tls_key, config.data_dir, config.hostname)
+    tls_context = server_context(cert, key)
+    users = SQLiteUserStore(config.user_db)
+    spool = Spool(config.spool_dir)
+    maildir = MaildirStore(config.mail_dir, config.hostname)
+    delivery = DeliveryAgent(spool, maildir, users)
+    context = ServerContext(
+        config=config,
+        users=users,
+        spool=spool,
+        delivery=delivery,
+        tls_context=tls_context,
+        auth_failure_delay=config.auth_failure_delay,
+    )
+    server = SmtpServer(context)
+    try:
+        await server.start()
+    except ConfigError:
+        users.close()
+        raise
+    await delivery.start()
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    domains = ", ".join(config.local_domains) or "(none configured; see `mailgate domain add`)"
+    log.info(
+        "mailgate ready (pid %d): hostname %s, data dir %s, local domains %s",
+        os.getpid(),
+        config.hostname,
+        config.data_dir,
+        domains,
+    )
+    if ready is not None:
+        ready.set()
+    await stop.wait()
+    log.info("shutting down: no new connections; grace %.0fs", config.shutdown_grace)
+    await server.shutdown(config.shutdown_grace)
+    await delivery.stop()
+    users.close()
+    log.info("stopped")
+    return 0
+
+
+def _serve(args: argparse.Namespace) -> int:
+    try:
+        config = config_from_args(args)
+    except ConfigError as exc:
+        for problem in exc.problems:
+            print(f"mailgate: {problem}", file=sys.stderr)
+        return 1
+    setup_logging(config.log_level)
+    try:
+        return asyncio.run(run_gateway(config))
+    except ConfigError as exc:
+        for problem in exc.problems:
+            log.error("%s", problem)
+        return 1
+
+
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    serve = sub.add_parser(
+        "serve",
+        help="run the gateway: SMTP listeners, spool and local delivery",
+        description="Run the gateway in the foreground until SIGTERM or SIGINT.",
+    )
+    add_config_option(serve)
+    add_setting_flags(serve)
+    serve.set_defaults(handler=_serve)

@@ -1,0 +1,1 @@
+"""mailgate.core.smtp: the SMTP server (protocol engine, replies, limits, listeners)."""

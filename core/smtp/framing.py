@@ -1,0 +1,162 @@
+"""Sans-I/O framing of the SMTP byte stream: command lines and the DATA body.
+
+``LineBuffer`` splits the stream into command lines under a length limit; ``DataReader``
+consumes a DATA body in bulk (no per-line Python loop on the hot path): it finds the
+``CRLF.CRLF`` terminator, removes dot-stuffing, measures the longest line and notices
+8-bit octets, and hands back whatever followed the terminator (pipelined commands).
+Bytes in, results out; the session owns the socket.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+_TERMINATOR = b"\r\n.\r\n"
+
+
+@dataclass(frozen=True, slots=True)
+class TooLong:
+    """A command line exceeded the limit; the whole line has been discarded."""
+
+    length: int
+
+
+class LineBuffer:
+    """Accumulates received bytes and yields complete CRLF (or bare LF) terminated lines."""
+
+    def __init__(self, max_line: int) -> None:
+        self.max_line = max_line
+        self._buf = bytearray()
+        self._discarding = 0
+
+    def feed(self, data: bytes | bytearray) -> None:
+        self._buf += data
+
+    def clear(self) -> None:
+        """Drop everything buffered (after STARTTLS, plaintext must not be acted upon)."""
+        self._buf.clear()
+        self._discarding = 0
+
+    def take_all(self) -> bytes:
+        data = bytes(self._buf)
+        self._buf.clear()
+        return data
+
+    def __len__(self) -> int:
+        return len(self._buf)
+
+    def next_line(self) -> bytes | TooLong | None:
+        """The next line without its line ending, a TooLong marker, or None if incomplete."""
+        newline = self._buf.find(b"\n")
+        if newline < 0:
+            if len(self._buf) > self.max_line:
+                # Keep memory bounded: forget the overlong prefix, remember we are skipping.
+                self._discarding += len(self._buf)
+                self._buf.clear()
+            return None
+        length = newline + 1 + self._discarding
+        line = bytes(self._buf[:newline])
+        del self._buf[: newline + 1]
+        if self._discarding or length > self.max_line:
+            self._discarding = 0
+            return TooLong(length)
+        return line[:-1] if line.endswith(b"\r") else line
+
+
+@dataclass(slots=True)
+class DataResult:
+    content: bytes
+    size: int
+    size_exceeded: bool
+    line_too_long: bool
+    has_8bit: bool
+    has_nul: bool
+
+
+class DataReader:
+    """Incremental reader of one DATA body; feed chunks until ``done``."""
+
+    def __init__(self, max_size: int, max_line: int) -> None:
+        self.max_size = max_size
+        self._max_line = max_line
+        # A line may hold max_line octets including its CRLF, hence max_line - 1 before LF.
+        self._long_line = re.compile(rb"[^\n]{%d}" % max_line)
+        self._parts: list[bytes] = []
+        self._pending = bytearray()
+        self._size = 0
+        self._size_exceeded = False
+        self._line_too_long = False
+        self._has_8bit = False
+        self._has_nul = False
+        self.done = False
+        self._at_start = True
+
+    def feed(self, data: bytes | bytearray) -> bytes:
+        """Consume received bytes; returns what followed the terminator (once ``done``)."""
+        if self.done:
+            return bytes(data)
+        self._pending += data
+        buf = self._pending
+        if self._at_start and buf.startswith(b".\r\n"):
+            self.done = True
+            rest = bytes(buf[3:])
+            buf.clear()
+            return rest
+        end = buf.find(_TERMINATOR)
+        if end >= 0:
+            self._absorb(bytes(buf[: end + 2]))
+            rest = bytes(buf[end + len(_TERMINATOR) :])
+            buf.clear()
+            self.done = True
+            return rest
+        # Keep the last partial line (and anything that may start the terminator) pending;
+        # absorb complete lines so memory use and line checks stay incremental.
+        cut = buf.rfind(b"\n", 0, max(len(buf) - 4, 0))
+        if cut >= 0:
+            self._absorb(bytes(buf[: cut + 1]))
+            del buf[: cut + 1]
+        if self._long_line.search(buf):
+            self._line_too_long = True
+            if len(buf) > self._max_line + 8:
+                # An endless line: the message is refused anyway, so keep memory bounded.
+                self._size += len(buf) - 4
+                self._parts.clear()
+                del buf[:-4]
+        if self._size + len(buf) > self.max_size:
+            self._size_exceeded = True
+        return b""
+
+    def _absorb(self, chunk: bytes) -> None:
+        """Take complete lines: unstuff dots, check lines, count size."""
+        # Every absorbed chunk begins at a line start, so its first dot is stuffing too.
+        if chunk.startswith(b"."):
+            chunk = chunk[1:]
+        self._at_start = False
+        if b"\n." in chunk:
+            chunk = chunk.replace(b"\n.", b"\n")
+        if not self._line_too_long and self._long_line.search(chunk):
+            self._line_too_long = True
+        if not self._has_8bit and not chunk.isascii():
+            self._has_8bit = True
+        if not self._has_nul and b"\x00" in chunk:
+            self._has_nul = True
+        self._size += len(chunk)
+        if self._size > self.max_size:
+            self._size_exceeded = True
+            self._parts.clear()
+        elif not self._size_exceeded and not self._line_too_long:
+            self._parts.append(chunk)
+
+    def result(self) -> DataResult:
+        refused = self._size_exceeded or self._line_too_long
+        content = b"" if refused else b"".join(self._parts)
+        self._parts.clear()
+        return DataResult(
+            content=content,
+            size=self._size,
+            size_exceeded=self._size_exceeded,
+            line_too_long=self._line_too_long,
+            has_8bit=self._has_8bit,
+            has_nul=self._has_nul,
+        )

@@ -1,0 +1,197 @@
+"""What the gateway does with each envelope step: sender ownership, relay control, acceptance.
+
+The session asks three questions here: may this sender be used (MAIL), may this recipient
+be accepted (RCPT: local user, alias, or relay for trusted clients only), and what becomes
+of the message (DATA: Received header, durable spool, hand-off to delivery). No open relay
+is possible unless ``open_relay`` is set explicitly.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import email.utils
+import ipaddress
+import logging
+import re
+from typing import TYPE_CHECKING
+
+from mailgate.core.errors import SpoolError
+from mailgate.core.smtp import replies
+from mailgate.core.smtp.parser import MailPath
+from mailgate.core.smtp.replies import Reply
+from mailgate.core.spool.envelope import SpoolEnvelope
+from mailgate.core.spool.queue_id import new_queue_id
+
+if TYPE_CHECKING:
+    from mailgate.core.smtp.server import ServerContext
+    from mailgate.core.smtp.session import MailgateSMTP
+
+log = logging.getLogger("mailgate.smtp")
+
+_MESSAGE_ID = re.compile(rb"^Message-ID:[ \t]*(.*?)\r?$", re.IGNORECASE | re.MULTILINE)
+_HELO_UNSAFE = re.compile(r"[^\x21-\x7e]")
+
+
+class DeliveryHandler:
+    """The decisions of the core for MAIL, RCPT and DATA (milters join them in a later stage)."""
+
+    def __init__(self, context: ServerContext) -> None:
+        self.context = context
+
+    # -- MAIL --------------------------------------------------------------------------
+
+    async def check_sender(self, session: MailgateSMTP, path: MailPath) -> Reply:
+        if session.auth_user is not None:
+            allowed = await asyncio.to_thread(self.context.users.senders_for, session.auth_user)
+            if path.address.lower() not in {address.lower() for address in allowed}:
+                log.warning(
+                    "%s: reject: sender <%s> not owned by %s",
+                    session.session_id,
+                    path.address,
+                    session.auth_user,
+                )
+                return replies.SENDER_NOT_OWNED
+        session.queue_id = new_queue_id()
+        log.info(
+            "%s: %s: client=[%s]%s, from=<%s>",
+            session.session_id,
+            session.queue_id,
+            session.client_ip,
+            f", sasl_username={session.auth_user}" if session.auth_user else "",
+            path.address,
+        )
+        return replies.ok("Sender ok")
+
+    # -- RCPT --------------------------------------------------------------------------
+
+    async def is_local_domain(self, domain: str) -> bool:
+        domain = domain.lower().rstrip(".")
+        if domain in self.context.config.local_domains:
+            return True
+        return await asyncio.to_thread(self.context.users.is_local_domain, domain)
+
+    def may_relay(self, session: MailgateSMTP) -> bool:
+        if session.auth_user is not None or self.context.config.open_relay:
+            return True
+        if session.client_ip in ("", "unix"):
+            return False
+        try:
+            address = ipaddress.ip_address(session.client_ip)
+        except ValueError:
+            return False
+        return any(address in network for network in self.context.relay_networks)
+
+    async def check_recipient(self, session: MailgateSMTP, path: MailPath) -> tuple[Reply, str]:
+        """The reply to RCPT and the address to record for it (``<Postmaster>`` gets a domain)."""
+        queue_id = session.queue_id or "NOQUEUE"
+        if path.address == "Postmaster":
+            return await self._postmaster(session)
+        if await self.is_local_domain(path.domain):
+            targets = await asyncio.to_thread(self.context.users.resolve, path.address)
+            if targets is None:
+                log.info(
+                    "%s: %s: reject: RCPT from [%s]: <%s>: user unknown",
+                    session.session_id,
+                    queue_id,
+                    session.client_ip,
+                    path.address,
+                )
+                return replies.UNKNOWN_USER, path.address
+            return Reply(250, "2.1.5", "Recipient ok"), path.address
+        if self.may_relay(session):
+            return Reply(250, "2.1.5", "Recipient ok (relay)"), path.address
+        log.warning(
+            "%s: %s: reject: RCPT from [%s]: <%s>: relay access denied",
+            session.session_id,
+            queue_id,
+            session.client_ip,
+            path.address,
+        )
+        return replies.RELAY_DENIED, path.address
+
+    async def _postmaster(self, session: MailgateSMTP) -> tuple[Reply, str]:
+        # RFC 5321 4.5.1: <Postmaster> without a domain must be accepted; it lands on the
+        # postmaster of the first local domain that has one.
+        domains = list(self.context.config.local_domains)
+        domains += await asyncio.to_thread(self.context.users.list_domains)
+        for domain in [self.context.config.hostname, *domains]:
+            address = f"postmaster@{domain}"
+            if await asyncio.to_thread(self.context.users.resolve, address) is not None:
+                return Reply(250, "2.1.5", f"Recipient ok ({address})"), address
+        return replies.UNKNOWN_USER, "Postmaster"
+
+    async def verify(self, session: MailgateSMTP, argument: str) -> Reply:
+        address = argument.strip().strip("<>")
+        if "@" not in address:
+            return Reply(553, "5.1.3", "VRFY needs a full address")
+        domain = address.rsplit("@", 1)[1]
+        if not await self.is_local_domain(domain):
+            return Reply(252, "2.1.5", "Not a local address; will attempt delivery")
+        if await asyncio.to_thread(self.context.users.resolve, address) is None:
+            return replies.UNKNOWN_USER
+        return Reply(250, "2.1.5", f"<{address}>")
+
+    # -- DATA --------------------------------------------------------------------------
+
+    def received_header(self, session: MailgateSMTP, queue_id: str) -> bytes:
+        config = self.context.config
+        helo = _HELO_UNSAFE.sub("?", session.session.host_name or "unknown")[:255]
+        smtputf8 = session.envelope.smtp_utf8
+        protocol = ("UTF8SMTP" if smtputf8 else "ESMTP") if session.session.extended_smtp else "SMTP"
+        tls = session.tls_info()
+        if tls is not None:
+            protocol += "S"
+        if session.auth_user is not None:
+            protocol += "A"
+        lines = [f"Received: from {helo} ([{session.client_ip}])"]
+        if tls is not None:
+            version, cipher, bits = tls
+            lines.append(f"\t(using {version} with cipher {cipher} ({bits} bits))")
+        lines.append(f"\tby {config.hostname} (mailgate) with {protocol} id {queue_id}")
+        recipients = session.envelope.rcpt_tos
+        stamp = email.utils.format_datetime(email.utils.localtime())
+        if len(recipients) == 1:
+            lines.append(f"\tfor <{recipients[0]}>; {stamp}")
+        else:
+            lines[-1] += ";"
+            lines.append(f"\t{stamp}")
+        return ("\r\n".join(lines) + "\r\n").encode("utf-8")
+
+    async def accept_message(self, session: MailgateSMTP, content: bytes) -> Reply:
+        queue_id = session.queue_id or new_queue_id()
+        envelope = session.envelope
+        spool_envelope = SpoolEnvelope(
+            queue_id=queue_id,
+            mail_from=envelope.mail_from or "",
+            rcpt_tos=list(envelope.rcpt_tos),
+            client_address=session.client_ip,
+            client_name="",
+            helo=session.session.host_name or "",
+            auth_user=session.auth_user,
+            mail_options=list(envelope.mail_options),
+            rcpt_options=[
+                [key if value is None else f"{key}={value}" for key, value in params.items()]
+                for params in session.rcpt_params
+            ],
+            body_type="8BITMIME" if session.body_type == "8BITMIME" else "7BIT",
+            smtputf8=bool(envelope.smtp_utf8),
+        )
+        message = self.received_header(session, queue_id) + content
+        try:
+            await self.context.spool.store(spool_envelope, message)
+        except (SpoolError, OSError) as exc:
+            log.error("%s: %s: cannot queue message: %s", session.session_id, queue_id, exc)
+            return replies.SPOOL_FAILED
+        match = _MESSAGE_ID.search(content, 0, 65536)
+        if match:
+            message_id = match.group(1).decode("utf-8", "replace")[:200]
+            log.info("%s: message-id=%s", queue_id, message_id)
+        log.info(
+            "%s: from=<%s>, size=%d, nrcpt=%d (queue active)",
+            queue_id,
+            spool_envelope.mail_from,
+            len(message),
+            len(spool_envelope.rcpt_tos),
+        )
+        self.context.delivery.submit(queue_id)
+        return replies.queued(queue_id)

@@ -1,0 +1,640 @@
+"""One SMTP session: aiosmtpd's protocol machine, extended where mailgate needs more.
+
+aiosmtpd provides the connection plumbing, the STARTTLS upgrade, the command dispatch by
+``smtp_*`` methods, the AUTH exchange and its handler-hook calling convention. This class
+replaces what falls short there: the read loop (our sans-I/O framing with per-state
+RFC 5321 timeouts, the 1000-octet line limit, a hard error limit, graceful shutdown),
+EHLO/HELO, MAIL/RCPT (our parser, SIZE/BODY/SMTPUTF8), a bulk DATA reader, and
+asynchronous, throttled AUTH PLAIN/LOGIN. Decisions about addresses and the spool live in
+the handler (``mailgate.core.smtp.handler``); every reply comes from ``replies``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import contextlib
+import ipaddress
+import logging
+import ssl
+from typing import TYPE_CHECKING, Any
+
+from aiosmtpd.smtp import SMTP, AuthResult, TLSSetupException, syntax
+
+from mailgate.core.smtp import replies
+from mailgate.core.smtp.framing import DataReader, LineBuffer, TooLong
+from mailgate.core.smtp.parser import CommandSyntaxError, MailPath, parse_mail_from, parse_rcpt_to, split_command
+from mailgate.core.smtp.replies import Reply
+
+if TYPE_CHECKING:
+    from mailgate.core.smtp.handler import DeliveryHandler
+    from mailgate.core.smtp.server import ServerContext
+
+log = logging.getLogger("mailgate.smtp")
+
+READ_CHUNK = 65536
+
+
+class SessionClosed(Exception):
+    """The session ended (timeout, error limit, shutdown): stop the read loop."""
+
+
+class MailgateSMTP(SMTP):  # type: ignore[misc]
+    """The SMTP protocol for one connection on one listener role (smtp, submission, smtps)."""
+
+    # aiosmtpd sizes its StreamReader with this; our framing enforces the real line limit.
+    line_length_limit = READ_CHUNK * 4
+
+    def __init__(self, context: ServerContext, handler: DeliveryHandler, role: str) -> None:
+        config = context.config
+        self.context = context
+        self.role = role
+        self.implicit_tls = role == "smtps"
+        super().__init__(
+            handler,
+            data_size_limit=config.max_message_size,
+            enable_SMTPUTF8=True,
+            decode_data=False,
+            hostname=config.hostname,
+            ident="mailgate",
+            tls_context=None if self.implicit_tls else context.tls_context,
+            timeout=config.command_timeout,
+            auth_required=role == "submission",
+            auth_require_tls=True,
+            loop=asyncio.get_running_loop(),
+        )
+        self.handler = handler
+        self.lines = LineBuffer(config.max_line_length)
+        self.client_ip = ""
+        self.session_id = context.next_session_id()
+        self.errors = 0
+        self.admitted = False
+        self.busy = False
+        self.closing = False
+        self.auth_user: str | None = None
+        self.queue_id: str | None = None
+        self.body_type = "7BIT"
+        self.in_transaction = False
+        self.rcpt_params: list[dict[str, str | None]] = []
+
+    # -- connection life ---------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        first = self.transport is None
+        super().connection_made(transport)
+        if first:
+            peer = transport.get_extra_info("peername")
+            self.client_ip = _peer_ip(peer)
+        else:
+            # STARTTLS finished: RFC 3207 says forget everything learnt in plaintext.
+            self.lines.clear()
+            self._reset_transaction()
+            self.auth_user = None
+        self._configure_auth_tls()
+
+    def connection_lost(self, error: Exception | None) -> None:
+        if self.admitted:
+            self.admitted = False
+            self.context.limits.release(self.client_ip)
+            self.context.sessions.discard(self)
+            log.info("%s: disconnect from [%s]", self.session_id, self.client_ip)
+        super().connection_lost(error)
+
+    def _reset_timeout(self, duration: float | None = None) -> None:
+        # Our read loop applies the per-state timeouts itself; aiosmtpd only needs a handle.
+        if self._timeout_handle is None:
+            self._timeout_handle = self.loop.call_later(86400 * 365, lambda: None)
+
+    @property
+    def tls_active(self) -> bool:
+        return self.implicit_tls or self._tls_protocol is not None
+
+    @property
+    def is_loopback(self) -> bool:
+        if not self.client_ip:
+            return False
+        try:
+            return ipaddress.ip_address(self.client_ip).is_loopback
+        except ValueError:
+            return self.client_ip == "unix"
+
+    def _configure_auth_tls(self) -> None:
+        loopback_ok = self.context.config.auth_on_loopback_without_tls and self.is_loopback
+        self._auth_require_tls = not (self.tls_active or loopback_ok)
+
+    def auth_offered(self) -> bool:
+        """AUTH is offered on submission and smtps, and on the MX port if smtp_auth is on."""
+        if self.role == "smtp" and not self.context.config.smtp_auth:
+            return False
+        return not self._auth_require_tls
+
+    def tls_info(self) -> tuple[str, str, int] | None:
+        if self.transport is None:
+            return None
+        ssl_object = self.transport.get_extra_info("ssl_object")
+        if not isinstance(ssl_object, ssl.SSLObject | ssl.SSLSocket):
+            return None
+        cipher = ssl_object.cipher()
+        if cipher is None:
+            return None
+        return cipher[1], cipher[0], cipher[2]
+
+    # -- output ------------------------------------------------------------------------
+
+    async def push(self, status: Any) -> None:
+        text = status.render() if isinstance(status, Reply) else status
+        if isinstance(text, bytes):
+            text = text.decode("utf-8", "replace")
+        text = replies.normalize(text)
+        await self._write_line(text)
+        if text[:1] in ("4", "5") and not text.startswith("421"):
+            self.errors += 1
+            if self.errors >= self.context.config.max_errors:
+                log.warning("%s: too many errors from [%s]", self.session_id, self.client_ip)
+                await self._close_with(replies.TOO_MANY_ERRORS)
+
+    async def reply(self, reply: Reply) -> None:
+        await self.push(reply)
+
+    async def _write_line(self, text: str) -> None:
+        if self.transport is None or self.transport.is_closing():
+            raise SessionClosed
+        self._writer.write(text.encode("utf-8") + b"\r\n")
+        await self._writer.drain()
+
+    async def _close_with(self, reply: Reply) -> None:
+        self.closing = True
+        with contextlib.suppress(Exception):
+            if self.transport is not None and not self.transport.is_closing():
+                self._writer.write(reply.render().encode() + b"\r\n")
+        if self.transport is not None:
+            self.transport.close()
+        raise SessionClosed
+
+    def abort_for_shutdown(self) -> None:
+        """Called at the end of the shutdown grace period: 421 4.3.2 and close."""
+        self.closing = True
+        if self.transport is not None and not self.transport.is_closing():
+            with contextlib.suppress(Exception):
+                self._writer.write(replies.SHUTTING_DOWN.render().encode() + b"\r\n")
+            self.transport.close()
+
+    # -- input -------------------------------------------------------------------------
+
+    async def _fill(self, timeout: float) -> bytes:
+        try:
+            data: bytes = await asyncio.wait_for(self._reader.read(READ_CHUNK), timeout)
+        except TimeoutError:
+            log.info("%s: timeout from [%s]", self.session_id, self.client_ip)
+            await self._close_with(replies.TIMEOUT)
+        if not data:
+            raise SessionClosed
+        return data
+
+    async def read_line(self) -> bytes | TooLong:
+        """The next command line (or an AUTH response), waiting at most command_timeout."""
+        while True:
+            line = self.lines.next_line()
+            if line is not None:
+                return line
+            self.lines.feed(await self._fill(self.context.config.command_timeout))
+
+    async def _handle_client(self) -> None:
+        config = self.context.config
+        refusal = self.context.limits.admit(self.client_ip)
+        if refusal is not None:
+            reply = {
+                "rate": replies.RATE_LIMITED,
+                "total": replies.TOO_MANY_CONNECTIONS,
+                "per_ip": replies.TOO_MANY_FROM_IP,
+            }[refusal]
+            log.warning(
+                "%s: refused connection from [%s]: %s limit", self.session_id, self.client_ip, refusal
+            )
+            with contextlib.suppress(SessionClosed):
+                await self._close_with(reply)
+            return
+        self.admitted = True
+        self.context.sessions.add(self)
+        log.info(
+            "%s: connect from [%s] on %s%s",
+            self.session_id,
+            self.client_ip,
+            self.role,
+            " (TLS)" if self.implicit_tls else "",
+        )
+        try:
+            if self.context.shutting_down:
+                await self._close_with(replies.SHUTTING_DOWN)
+            await self._write_line(replies.greeting(config.hostname))
+            while not self.closing:
+                line = await self.read_line()
+                await self._dispatch(line)
+        except SessionClosed:
+            pass
+        except TLSSetupException:
+            log.info("%s: TLS handshake failed with [%s]", self.session_id, self.client_ip)
+        except (ConnectionError, ssl.SSLError) as exc:
+            log.info("%s: connection error from [%s]: %s", self.session_id, self.client_ip, exc)
+        finally:
+            if self.transport is not None:
+                self.transport.close()
+
+    async def _dispatch(self, raw: bytes | TooLong) -> None:
+        if isinstance(raw, TooLong):
+            log.info("%s: line too long (%d octets)", self.session_id, raw.length)
+            await self.reply(replies.LINE_TOO_LONG)
+            return
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            await self.reply(replies.BAD_CHARACTERS)
+            return
+        if any(ord(c) < 32 and c != "\t" for c in line) or "\x7f" in line:
+            await self.reply(replies.BAD_CHARACTERS)
+            return
+        try:
+            command = split_command(line)
+        except CommandSyntaxError as exc:
+            await self.reply(exc.reply)
+            return
+        method = self._smtp_methods.get(command.verb)
+        if method is None:
+            log.info("%s: unrecognized command %s", self.session_id, command.verb[:16])
+            await self.reply(replies.UNRECOGNIZED)
+            return
+        if command.verb != "AUTH":
+            log.debug("%s: >> %s", self.session_id, line[:200])
+        try:
+            await method(command.arg or None)
+        except (SessionClosed, TLSSetupException, asyncio.CancelledError, ConnectionError):
+            raise
+        except Exception:
+            log.exception("%s: internal error handling %s", self.session_id, command.verb)
+            await self.reply(replies.LOCAL_ERROR)
+
+    # -- transaction state -------------------------------------------------------------
+
+    def _reset_transaction(self) -> None:
+        self._set_rset_state()
+        self.in_transaction = False
+        self.queue_id = None
+        self.body_type = "7BIT"
+        self.rcpt_params = []
+
+    # -- commands ----------------------------------------------------------------------
+
+    @syntax("HELO hostname")
+    async def smtp_HELO(self, arg: str | None) -> None:
+        if not arg or " " in arg:
+            await self.reply(replies.SYNTAX_HELO)
+            return
+        self._reset_transaction()
+        self.session.extended_smtp = False
+        self.session.host_name = arg
+        await self._write_line(f"250 {self.hostname}")
+
+    @syntax("EHLO hostname")
+    async def smtp_EHLO(self, arg: str | None) -> None:
+        if not arg or " " in arg:
+            await self.reply(replies.SYNTAX_EHLO)
+            return
+        self._reset_transaction()
+        self.session.extended_smtp = True
+        self.session.host_name = arg
+        lines = [
+            self.hostname,
+            "PIPELINING",
+            f"SIZE {self.context.config.max_message_size}",
+            "8BITMIME",
+            "SMTPUTF8",
+            "ENHANCEDSTATUSCODES",
+        ]
+        if self.tls_context is not None and not self.tls_active:
+            lines.append("STARTTLS")
+        if self.auth_offered():
+            lines.append("AUTH PLAIN LOGIN")
+        if self.context.config.vrfy:
+            lines.append("VRFY")
+        lines.append("HELP")
+        text = "\r\n".join(f"250-{line}" for line in lines[:-1]) + f"\r\n250 {lines[-1]}"
+        await self._write_line(text)
+
+    @syntax("HELP [command]")
+    async def smtp_HELP(self, arg: str | None) -> None:
+        commands = sorted(
+            name for name, method in self._smtp_methods.items() if self._syntax_available(method)
+        )
+        await self.reply(Reply(214, "2.0.0", "Commands: " + " ".join(commands)))
+
+    @syntax("NOOP [ignored]")
+    async def smtp_NOOP(self, arg: str | None) -> None:
+        await self.reply(replies.ok())
+
+    @syntax("RSET")
+    async def smtp_RSET(self, arg: str | None) -> None:
+        if arg:
+            await self.reply(replies.SYNTAX_NO_ARGS)
+            return
+        self._reset_transaction()
+        await self.reply(replies.ok())
+
+    @syntax("VRFY <address>")
+    async def smtp_VRFY(self, arg: str | None) -> None:
+        if not arg:
+            await self.reply(replies.syntax_error("VRFY <address>"))
+            return
+        if not self.context.config.vrfy:
+            await self.reply(replies.VRFY_DISABLED)
+            return
+        await self.reply(await self.handler.verify(self, arg))
+
+    async def smtp_EXPN(self, arg: str | None) -> None:
+        await self.reply(replies.EXPN_DISABLED)
+
+    @syntax("STARTTLS", when="tls_context")
+    async def smtp_STARTTLS(self, arg: str | None) -> None:
+        if arg:
+            await self.reply(replies.SYNTAX_NO_ARGS)
+            return
+        if self.tls_active:
+            await self.reply(replies.TLS_ALREADY)
+            return
+        if self.tls_context is None:
+            await self.reply(replies.TLS_NOT_AVAILABLE)
+            return
+        # Anything the client pipelined after STARTTLS must not be acted upon (RFC 3207 §5).
+        self.lines.clear()
+        try:
+            await asyncio.wait_for(super().smtp_STARTTLS(None), self.context.config.command_timeout)
+        except TimeoutError:
+            raise TLSSetupException() from None
+        self.lines.clear()
+        log.info("%s: STARTTLS established with [%s]", self.session_id, self.client_ip)
+
+    @syntax("AUTH <mechanism>")
+    async def smtp_AUTH(self, arg: str | None) -> None:
+        if await self.check_helo_needed("EHLO"):
+            return
+        if not self.session.extended_smtp:
+            await self.reply(Reply(503, "5.5.1", "Send EHLO first"))
+            return
+        if self.role == "smtp" and not self.context.config.smtp_auth:
+            await self.reply(replies.AUTH_NOT_AVAILABLE)
+            return
+        if self._auth_require_tls:
+            await self.reply(replies.AUTH_NEEDS_TLS)
+            return
+        if self.in_transaction:
+            await self.reply(replies.AUTH_DURING_MAIL)
+            return
+        if self.session.authenticated:
+            await self.reply(replies.AUTH_ALREADY)
+            return
+        if self.context.auth_failures.exceeded(self.client_ip):
+            log.warning("%s: AUTH throttled for [%s]", self.session_id, self.client_ip)
+            await self.reply(replies.AUTH_THROTTLED)
+            return
+        if arg:
+            # Mechanism names are case-insensitive (RFC 4954); aiosmtpd matches them exactly.
+            mechanism, _, rest = arg.partition(" ")
+            arg = f"{mechanism.upper()} {rest}".strip()
+        await super().smtp_AUTH(arg)
+        if self.session.authenticated and self.session.auth_data:
+            self.auth_user = str(self.session.auth_data)
+
+    async def _challenge(self, prompt: bytes) -> bytes | None:
+        """Send a 334 challenge and read the base64 answer; None after an abort or bad data."""
+        await self._write_line("334 " + base64.b64encode(prompt).decode())
+        line = await self.read_line()
+        if isinstance(line, TooLong):
+            await self.reply(replies.LINE_TOO_LONG)
+            return None
+        if line.strip() == b"*":
+            await self.reply(replies.AUTH_ABORTED)
+            return None
+        try:
+            return base64.b64decode(line.strip(), validate=True)
+        except binascii.Error:
+            await self.reply(replies.AUTH_BAD_BASE64)
+            return None
+
+    async def auth_PLAIN(self, _: Any, args: list[str]) -> AuthResult:
+        if len(args) == 1:
+            blob = await self._challenge(b"")
+            if blob is None:
+                return AuthResult(success=False, handled=True)
+        else:
+            try:
+                blob = base64.b64decode(args[1], validate=True) if args[1] != "=" else b""
+            except binascii.Error:
+                await self.reply(replies.AUTH_BAD_BASE64)
+                return AuthResult(success=False, handled=True)
+        parts = blob.split(b"\x00")
+        if len(parts) != 3:
+            await self.reply(replies.syntax_error("malformed PLAIN response"))
+            return AuthResult(success=False, handled=True)
+        authzid, login, password = parts
+        if authzid and authzid != login:
+            # Acting as another user is not supported: refuse rather than silently ignore.
+            return await self._auth_failed(login)
+        return await self._check_credentials(login, password)
+
+    async def auth_LOGIN(self, _: Any, args: list[str]) -> AuthResult:
+        if len(args) == 2:
+            try:
+                login: bytes | None = base64.b64decode(args[1], validate=True)
+            except binascii.Error:
+                await self.reply(replies.AUTH_BAD_BASE64)
+                return AuthResult(success=False, handled=True)
+        else:
+            login = await self._challenge(b"Username:")
+        if login is None:
+            return AuthResult(success=False, handled=True)
+        password = await self._challenge(b"Password:")
+        if password is None:
+            return AuthResult(success=False, handled=True)
+        return await self._check_credentials(login, password)
+
+    async def _check_credentials(self, login: bytes, password: bytes) -> AuthResult:
+        try:
+            login_text, password_text = login.decode("utf-8"), password.decode("utf-8")
+        except UnicodeDecodeError:
+            return await self._auth_failed(login)
+        try:
+            user = await asyncio.to_thread(
+                self.context.users.authenticate, login_text, password_text
+            )
+        except Exception:
+            log.exception("%s: user store failure during AUTH", self.session_id)
+            await self.reply(replies.AUTH_TEMP)
+            return AuthResult(success=False, handled=True)
+        if user is None:
+            return await self._auth_failed(login)
+        self.context.auth_failures.reset(self.client_ip)
+        log.info("%s: [%s] authenticated as %s", self.session_id, self.client_ip, user)
+        return AuthResult(success=True, auth_data=user, message=replies.AUTH_OK.render())
+
+    async def _auth_failed(self, login: bytes) -> AuthResult:
+        count = self.context.auth_failures.hit(self.client_ip)
+        log.warning(
+            "%s: AUTH failed for %r from [%s] (%d recent failures)",
+            self.session_id,
+            login.decode("utf-8", "replace")[:100],
+            self.client_ip,
+            count,
+        )
+        # A fixed delay per failure slows guessing without holding any shared resource.
+        await asyncio.sleep(self.context.auth_failure_delay)
+        return AuthResult(success=False, handled=False, message=replies.AUTH_FAILED.render())
+
+    @syntax("MAIL FROM:<address>", extended=" [SP <mail-parameters>]")
+    async def smtp_MAIL(self, arg: str | None) -> None:
+        if await self.check_helo_needed():
+            return
+        if await self.check_auth_needed("MAIL"):
+            return
+        if self.in_transaction:
+            await self.reply(replies.NESTED_MAIL)
+            return
+        try:
+            path = parse_mail_from(arg or "")
+        except CommandSyntaxError as exc:
+            await self.reply(exc.reply)
+            return
+        problem = self._check_mail_params(path)
+        if problem is not None:
+            await self.reply(problem)
+            return
+        reply = await self.handler.check_sender(self, path)
+        if reply.code == 250:
+            self.in_transaction = True
+            self.envelope.mail_from = path.address
+            self.envelope.mail_options = _render_params(path.params)
+            self.envelope.smtp_utf8 = "SMTPUTF8" in path.params
+            self.body_type = (path.params.get("BODY") or "7BIT").upper()
+        await self.reply(reply)
+
+    def _check_mail_params(self, path: MailPath) -> Reply | None:
+        params = path.params
+        if params and not self.session.extended_smtp:
+            return replies.syntax_error("parameters require EHLO")
+        for key, value in params.items():
+            if key == "SIZE":
+                if value is None or not value.isdigit():
+                    return replies.PARAM_BAD.with_text("SIZE requires a number")
+                if int(value) > self.context.config.max_message_size:
+                    return replies.SIZE_EXCEEDED
+            elif key == "BODY":
+                if value is None or value.upper() not in ("7BIT", "8BITMIME"):
+                    return replies.PARAM_BAD.with_text("BODY must be 7BIT or 8BITMIME")
+            elif key == "SMTPUTF8":
+                if value is not None:
+                    return replies.PARAM_BAD.with_text("SMTPUTF8 takes no value")
+            elif key == "AUTH":
+                # RFC 4954 AUTH= identity: accepted and not trusted; nothing depends on it.
+                if value is None:
+                    return replies.PARAM_BAD.with_text("AUTH requires a value")
+            else:
+                return replies.PARAM_UNKNOWN.with_text(f"Unsupported MAIL parameter {key}")
+        if not path.is_ascii and "SMTPUTF8" not in params:
+            return replies.NON_ASCII_NEEDS_SMTPUTF8
+        return None
+
+    @syntax("RCPT TO:<address>", extended=" [SP <mail-parameters>]")
+    async def smtp_RCPT(self, arg: str | None) -> None:
+        if await self.check_helo_needed():
+            return
+        if await self.check_auth_needed("RCPT"):
+            return
+        if not self.in_transaction:
+            await self.reply(replies.NEED_MAIL)
+            return
+        try:
+            path = parse_rcpt_to(arg or "")
+        except CommandSyntaxError as exc:
+            await self.reply(exc.reply)
+            return
+        if path.params:
+            key = next(iter(path.params))
+            await self.reply(replies.PARAM_UNKNOWN.with_text(f"Unsupported RCPT parameter {key}"))
+            return
+        if not path.is_ascii and not self.envelope.smtp_utf8:
+            await self.reply(replies.NON_ASCII_NEEDS_SMTPUTF8)
+            return
+        if len(self.envelope.rcpt_tos) >= self.context.config.max_recipients:
+            log.info("%s: too many recipients from [%s]", self.session_id, self.client_ip)
+            await self.reply(replies.TOO_MANY_RECIPIENTS)
+            return
+        reply, address = await self.handler.check_recipient(self, path)
+        if reply.code == 250:
+            self.envelope.rcpt_tos.append(address)
+            self.rcpt_params.append(dict(path.params))
+        await self.reply(reply)
+
+    @syntax("DATA")
+    async def smtp_DATA(self, arg: str | None) -> None:
+        if await self.check_helo_needed():
+            return
+        if await self.check_auth_needed("DATA"):
+            return
+        if not self.in_transaction:
+            await self.reply(replies.NEED_MAIL)
+            return
+        if not self.envelope.rcpt_tos:
+            await self.reply(replies.NEED_RCPT)
+            return
+        if arg:
+            await self.reply(replies.SYNTAX_NO_ARGS)
+            return
+        config = self.context.config
+        await self._write_line(replies.START_DATA)
+        reader = DataReader(config.max_message_size, config.max_line_length)
+        rest = reader.feed(self.lines.take_all())
+        timeout = config.data_init_timeout
+        while not reader.done:
+            rest = reader.feed(await self._fill(timeout))
+            timeout = config.data_block_timeout
+        self.lines.feed(rest)
+        result = reader.result()
+        reply = self._check_body(result.size_exceeded, result.line_too_long, result.has_8bit)
+        if reply is None:
+            reply = await self._accept(result.content)
+        self._reset_transaction()
+        await self.reply(reply)
+
+    def _check_body(self, size_exceeded: bool, line_too_long: bool, has_8bit: bool) -> Reply | None:
+        if size_exceeded:
+            log.info("%s: message too large from [%s]", self.session_id, self.client_ip)
+            return replies.SIZE_EXCEEDED
+        if line_too_long:
+            log.info("%s: message line too long from [%s]", self.session_id, self.client_ip)
+            return replies.DATA_LINE_TOO_LONG
+        if has_8bit and self.body_type == "7BIT" and self.context.config.reject_8bit_without_8bitmime:
+            return replies.EIGHT_BIT_UNANNOUNCED
+        return None
+
+    async def _accept(self, content: bytes) -> Reply:
+        """Hand the message to the handler; shielded so a vanished client cannot cut a commit."""
+        self.busy = True
+        task = asyncio.ensure_future(self.handler.accept_message(self, content))
+        try:
+            return await asyncio.wait_for(
+                asyncio.shield(task), self.context.config.data_term_timeout
+            )
+        except TimeoutError:
+            log.error("%s: message processing timed out", self.session_id)
+            return replies.PROCESSING_TIMEOUT
+        finally:
+            self.busy = False
+
+
+def _peer_ip(peer: Any) -> str:
+    if isinstance(peer, tuple) and peer:
+        return str(peer[0])
+    return "unix"
+
+
+def _render_params(params: dict[str, str | None]) -> list[str]:
+    return [key if value is None else f"{key}={value}" for key, value in params.items()]

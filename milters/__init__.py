@@ -1,0 +1,1 @@
+"""mailgate.milters: the policy daemons, each speaking the Sendmail milter protocol."""

@@ -1,0 +1,1 @@
+"""mailgate.policies: transport-free decision logic and the YAML rule language."""
