@@ -32,7 +32,7 @@ LOG_FORMAT = "%(asctime)s %(name)s[%(process)d]: %(levelname)s %(message)s"
 def setup_logging(level: str) -> None:
     logging.basicConfig(level=level, format=LOG_FORMAT, stream=sys.stderr, force=True)
     # aiosmtpd logs every command line at INFO; our session logs what an operator needs.
-    logging.getLogger("mail.log").setLevel(logging.WARNING)
+    logging.getLogger("mail.log").setLevel(logging.ERROR)
 
 
 async def run_gateway(config: Config, *, ready: asyncio.Event | None = None) -> int:
