@@ -15,11 +15,12 @@ import socket
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import (
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     ValidationError,
@@ -103,6 +104,31 @@ def _split_list(value: Any) -> Any:
     return value
 
 
+def _to_listen(value: Any) -> ListenAddress:
+    return value if isinstance(value, ListenAddress) else parse_listen(str(value))
+
+
+def _to_domain(value: Any) -> str:
+    domain = str(value).strip().rstrip(".").lower()
+    if not _DOMAIN_RE.match(domain):
+        raise ValueError(f"{value!r} is not a valid domain name")
+    return domain
+
+
+def _to_network(value: Any) -> str:
+    try:
+        ipaddress.ip_network(str(value), strict=False)
+    except ValueError:
+        raise ValueError(f"{value!r} is not an IP network (e.g. 192.0.2.0/24)") from None
+    return str(value)
+
+
+# Item-level validation, so an error in a list names the item's index (and its YAML line).
+Listen = Annotated[ListenAddress, BeforeValidator(_to_listen)]
+Domain = Annotated[str, BeforeValidator(_to_domain)]
+Network = Annotated[str, BeforeValidator(_to_network)]
+
+
 class Config(BaseModel):
     """Every setting of the core. See docs/configuration.md for the meaning of each."""
 
@@ -110,12 +136,12 @@ class Config(BaseModel):
 
     data_dir: Path = Path("var")
     hostname: str = Field(default_factory=socket.getfqdn)
-    smtp_listen: list[ListenAddress] = Field(default_factory=lambda: ["127.0.0.1:2525"])  # type: ignore[arg-type,list-item]
-    submission_listen: list[ListenAddress] = Field(
-        default_factory=lambda: ["127.0.0.1:2587"]  # type: ignore[arg-type,list-item]
+    smtp_listen: list[Listen] = Field(default_factory=lambda: [ListenAddress("127.0.0.1", 2525)])
+    submission_listen: list[Listen] = Field(
+        default_factory=lambda: [ListenAddress("127.0.0.1", 2587)]
     )
-    smtps_listen: list[ListenAddress] = Field(default_factory=lambda: ["127.0.0.1:2465"])  # type: ignore[arg-type,list-item]
-    local_domains: list[str] = Field(default_factory=list)
+    smtps_listen: list[Listen] = Field(default_factory=lambda: [ListenAddress("127.0.0.1", 2465)])
+    local_domains: list[Domain] = Field(default_factory=list)
 
     max_message_size: int = Field(default=25 * 1024 * 1024, ge=1024)
     max_recipients: int = Field(default=100, ge=1)
@@ -142,50 +168,23 @@ class Config(BaseModel):
     smtp_auth: bool = True
 
     vrfy: bool = False
-    relay_networks: list[str] = Field(default_factory=list)
+    relay_networks: list[Network] = Field(default_factory=list)
     open_relay: bool = False
     reject_8bit_without_8bitmime: bool = False
 
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
-    @field_validator("smtp_listen", "submission_listen", "smtps_listen", mode="before")
+    @field_validator(
+        "smtp_listen",
+        "submission_listen",
+        "smtps_listen",
+        "local_domains",
+        "relay_networks",
+        mode="before",
+    )
     @classmethod
-    def _listen(cls, value: Any) -> Any:
-        value = _split_list(value)
-        if not isinstance(value, list):
-            raise ValueError("expected a listen address or a list of them")
-        return [item if isinstance(item, ListenAddress) else parse_listen(str(item)) for item in value]
-
-    @field_validator("local_domains", mode="before")
-    @classmethod
-    def _domains_list(cls, value: Any) -> Any:
+    def _comma_lists(cls, value: Any) -> Any:
         return _split_list(value)
-
-    @field_validator("local_domains")
-    @classmethod
-    def _domains(cls, value: list[str]) -> list[str]:
-        out = []
-        for domain in value:
-            domain = domain.strip().rstrip(".").lower()
-            if not _DOMAIN_RE.match(domain):
-                raise ValueError(f"{domain!r} is not a valid domain name")
-            out.append(domain)
-        return out
-
-    @field_validator("relay_networks", mode="before")
-    @classmethod
-    def _networks_list(cls, value: Any) -> Any:
-        return _split_list(value)
-
-    @field_validator("relay_networks")
-    @classmethod
-    def _networks(cls, value: list[str]) -> list[str]:
-        for net in value:
-            try:
-                ipaddress.ip_network(net, strict=False)
-            except ValueError:
-                raise ValueError(f"{net!r} is not an IP network (e.g. 192.0.2.0/24)") from None
-        return value
 
     @field_validator("max_message_size", mode="before")
     @classmethod

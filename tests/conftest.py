@@ -152,7 +152,9 @@ def add_default_users(gateway: Gateway) -> None:
 @pytest.fixture(scope="module")
 def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
     """One gateway per test module, with alice, bob and a few aliases, on default limits."""
-    gw = make_gateway(tmp_path_factory.mktemp("gw"), auth_failure_delay=0)
+    gw = make_gateway(
+        tmp_path_factory.mktemp("gw"), auth_failure_delay=0, rate_limit_connections=10000
+    )
     add_default_users(gw)
     gw.start()
     yield gw
