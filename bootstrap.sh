@@ -50,10 +50,12 @@ setup_venv() {
         python3 -m venv .venv
     fi
     stamp=.venv/.mailgate-installed
-    if [ ! -e "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
+    # The strict editable layout is a link tree that mypy can follow too; it is rebuilt
+    # whenever the project changed since the last install (a new module needs a new link).
+    if [ ! -e "$stamp" ] || [ -n "$(find pyproject.toml core milters policies -newer "$stamp" -print -quit)" ]; then
         echo "bootstrap: installing mailgate and its dependencies into .venv"
         .venv/bin/python -m pip install -q --upgrade pip 2>/dev/null || true
-        .venv/bin/python -m pip install -q -e ".[test]"
+        .venv/bin/python -m pip install -q -e ".[test]" --config-settings editable_mode=strict
         touch "$stamp"
     fi
 }

@@ -1,4 +1,4 @@
-"""The ``mailgate`` command line: one argparse tree, each command family registered by its module."""
+"""The `mailgate` command line: one argparse tree; each command family registers itself."""
 
 from __future__ import annotations
 

@@ -305,7 +305,7 @@ def load_config(
     environ: Mapping[str, str] | None = None,
     overrides: Mapping[str, Any] | None = None,
 ) -> Config:
-    """Build the Config from a YAML file, the environment and flag overrides, or raise ConfigError."""
+    """Build the Config from a YAML file, the environment and flags; or raise ConfigError."""
     environ = os.environ if environ is None else environ
     values: dict[str, Any] = {}
     origins: dict[str, _Origin] = {}

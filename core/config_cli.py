@@ -1,4 +1,4 @@
-"""Command-line glue for configuration: the shared --config/--data-dir options and `config check`."""
+"""CLI glue for configuration: the shared --config/--data-dir options and `config check`."""
 
 from __future__ import annotations
 

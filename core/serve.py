@@ -38,7 +38,9 @@ def setup_logging(level: str) -> None:
 async def run_gateway(config: Config, *, ready: asyncio.Event | None = None) -> int:
     """Run until SIGTERM/SIGINT; return the process exit status."""
     config.data_dir.mkdir(parents=True, exist_ok=True, mode=0o750)
-    cert, key = ensure_certificate(config.tls_cert, config.tls_key, config.data_dir, config.hostname)
+    cert, key = ensure_certificate(
+        config.tls_cert, config.tls_key, config.data_dir, config.hostname
+    )
     tls_context = server_context(cert, key)
     users = SQLiteUserStore(config.user_db)
     spool = Spool(config.spool_dir)

@@ -19,7 +19,9 @@ from mailgate.core.errors import ConfigError
 log = logging.getLogger("mailgate.tls")
 
 
-def ensure_certificate(cert: Path | None, key: Path | None, data_dir: Path, hostname: str) -> tuple[Path, Path]:
+def ensure_certificate(
+    cert: Path | None, key: Path | None, data_dir: Path, hostname: str
+) -> tuple[Path, Path]:
     """Return the configured pair, or the self-signed pair in the data dir (made if missing)."""
     if cert is not None and key is not None:
         return cert, key
@@ -34,7 +36,10 @@ def ensure_certificate(cert: Path | None, key: Path | None, data_dir: Path, host
     alt_names: list[x509.GeneralName] = [x509.DNSName(hostname)]
     if hostname != "localhost":
         alt_names.append(x509.DNSName("localhost"))
-    alt_names += [x509.IPAddress(ipaddress.ip_address("127.0.0.1")), x509.IPAddress(ipaddress.ip_address("::1"))]
+    alt_names += [
+        x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
+        x509.IPAddress(ipaddress.ip_address("::1")),
+    ]
     certificate = (
         x509.CertificateBuilder()
         .subject_name(name)

@@ -7,10 +7,11 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from conftest import MAILGATE, Gateway, free_port
 
 from mailgate.core.config import ListenAddress, load_config, parse_listen
 from mailgate.core.errors import ConfigError
+
+from conftest import MAILGATE, Gateway, free_port
 
 BAD_CONFIG = """\
 hostname: mx.example.test
@@ -50,7 +51,9 @@ def test_defaults() -> None:
 def test_listen_forms() -> None:
     assert parse_listen("[::1]:25") == ListenAddress("::1", 25)
     assert parse_listen("0.0.0.0:25") == ListenAddress("0.0.0.0", 25)
-    assert parse_listen("unix:/run/mailgate/smtp.sock") == ListenAddress(path="/run/mailgate/smtp.sock")
+    assert parse_listen("unix:/run/mailgate/smtp.sock") == ListenAddress(
+        path="/run/mailgate/smtp.sock"
+    )
     config = load_config(None, environ={"MAILGATE_SMTP_LISTEN": "127.0.0.1:25, [::1]:25"})
     assert [str(a) for a in config.smtp_listen] == ["127.0.0.1:25", "[::1]:25"]
     for bad in ("::1:25", "host", "host:99999", "unix:relative", "[nothing]:25"):
@@ -101,7 +104,9 @@ def test_config_check_command(tmp_path: Path) -> None:
     assert "problems found" in result.stderr
     assert "Traceback" not in result.stderr
     good = tmp_path / "good.yaml"
-    good.write_text("hostname: mx.example.test\nlocal_domains: [example.test]\nmax_message_size: 10M\n")
+    good.write_text(
+        "hostname: mx.example.test\nlocal_domains: [example.test]\nmax_message_size: 10M\n"
+    )
     result = subprocess.run(
         [MAILGATE, "config", "check", "-v", str(good)], capture_output=True, text=True
     )
@@ -121,7 +126,10 @@ def test_bad_config_never_starts_a_server(fresh_gateway: Gateway, tmp_path: Path
     )
     assert result.returncode == 1
     assert f"{bad}:6: max_recipients:" in result.stderr
-    with pytest.raises(OSError), socket.create_connection(("127.0.0.1", fresh_gateway.smtp_port), 1):
+    with (
+        pytest.raises(OSError),
+        socket.create_connection(("127.0.0.1", fresh_gateway.smtp_port), 1),
+    ):
         pass
 
 

@@ -8,6 +8,7 @@ import threading
 import time
 
 import pytest
+
 from conftest import DOMAIN, Gateway
 from smtpwire import Wire
 

@@ -13,12 +13,16 @@ lines = st.lists(
 
 
 def stuff(body_lines: list[bytes]) -> bytes:
-    return b"".join((b"." + line if line.startswith(b".") else line) + b"\r\n" for line in body_lines)
+    return b"".join(
+        (b"." + line if line.startswith(b".") else line) + b"\r\n" for line in body_lines
+    )
 
 
 @settings(max_examples=300)
 @given(body=lines, cuts=st.lists(st.integers(min_value=1, max_value=50), max_size=40))
-def test_data_reader_unstuffs_and_returns_pipelined_rest(body: list[bytes], cuts: list[int]) -> None:
+def test_data_reader_unstuffs_and_returns_pipelined_rest(
+    body: list[bytes], cuts: list[int]
+) -> None:
     wire = stuff(body) + b".\r\nQUIT\r\n"
     reader = DataReader(10**6, 1000)
     position, rest = 0, b""

@@ -22,7 +22,9 @@ local_parts = st.lists(atoms, min_size=1, max_size=3).map(".".join).filter(lambd
 labels = st.from_regex(r"[a-z0-9]([a-z0-9-]{0,10}[a-z0-9])?", fullmatch=True)
 domains = st.lists(labels, min_size=1, max_size=4).map(".".join)
 keywords = st.from_regex(r"[A-Za-z0-9][A-Za-z0-9-]{0,8}", fullmatch=True)
-values = st.text(alphabet=[chr(c) for c in range(33, 127) if chr(c) != "="], min_size=1, max_size=10)
+values = st.text(
+    alphabet=[chr(c) for c in range(33, 127) if chr(c) != "="], min_size=1, max_size=10
+)
 
 
 @given(local=local_parts, domain=domains)

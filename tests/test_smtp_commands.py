@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 
 import pytest
+
 from conftest import DOMAIN, Gateway
 from smtpwire import Wire, has_enhanced
 
@@ -226,7 +227,9 @@ def test_commands_out_of_order(gateway: Gateway) -> None:
         (b"DATA extra", 503),
     ],
 )
-def test_bad_input_gets_a_reply_not_a_traceback(gateway: Gateway, payload: bytes, code: int) -> None:
+def test_bad_input_gets_a_reply_not_a_traceback(
+    gateway: Gateway, payload: bytes, code: int
+) -> None:
     with Wire(gateway.smtp_port) as wire:
         wire.reply()
         got, text = wire.cmd(payload)

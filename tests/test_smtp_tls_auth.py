@@ -8,6 +8,7 @@ import ssl
 import subprocess
 
 import pytest
+
 from conftest import DOMAIN, PASSWORD, Gateway
 from smtpwire import Wire
 
@@ -76,7 +77,16 @@ def test_received_header_records_tls_and_auth(gateway: Gateway) -> None:
 def test_openssl_s_client_starttls(gateway: Gateway, port_name: str) -> None:
     port = getattr(gateway, port_name)
     result = subprocess.run(
-        ["openssl", "s_client", "-starttls", "smtp", "-connect", f"127.0.0.1:{port}", "-brief", "-ign_eof"],
+        [
+            "openssl",
+            "s_client",
+            "-starttls",
+            "smtp",
+            "-connect",
+            f"127.0.0.1:{port}",
+            "-brief",
+            "-ign_eof",
+        ],
         input=b"EHLO s-client.example\r\nQUIT\r\n",
         capture_output=True,
         timeout=20,
@@ -89,7 +99,14 @@ def test_openssl_s_client_starttls(gateway: Gateway, port_name: str) -> None:
 
 def test_openssl_s_client_implicit_tls(gateway: Gateway) -> None:
     result = subprocess.run(
-        ["openssl", "s_client", "-connect", f"127.0.0.1:{gateway.smtps_port}", "-brief", "-ign_eof"],
+        [
+            "openssl",
+            "s_client",
+            "-connect",
+            f"127.0.0.1:{gateway.smtps_port}",
+            "-brief",
+            "-ign_eof",
+        ],
         input=b"EHLO s-client.example\r\nQUIT\r\n",
         capture_output=True,
         timeout=20,
@@ -103,8 +120,15 @@ def test_openssl_s_client_implicit_tls(gateway: Gateway) -> None:
 def test_tls_below_1_2_is_refused(gateway: Gateway) -> None:
     result = subprocess.run(
         [
-            "openssl", "s_client", "-connect", f"127.0.0.1:{gateway.smtps_port}",
-            "-tls1_1", "-cipher", "DEFAULT:@SECLEVEL=0", "-brief", "-ign_eof",
+            "openssl",
+            "s_client",
+            "-connect",
+            f"127.0.0.1:{gateway.smtps_port}",
+            "-tls1_1",
+            "-cipher",
+            "DEFAULT:@SECLEVEL=0",
+            "-brief",
+            "-ign_eof",
         ],
         input=b"QUIT\r\n",
         capture_output=True,
@@ -115,7 +139,15 @@ def test_tls_below_1_2_is_refused(gateway: Gateway) -> None:
     assert "220 mx.example.test" not in output
     # The same client with TLS 1.2 gets through, so the refusal is the server's doing.
     result = subprocess.run(
-        ["openssl", "s_client", "-connect", f"127.0.0.1:{gateway.smtps_port}", "-tls1_2", "-brief", "-ign_eof"],
+        [
+            "openssl",
+            "s_client",
+            "-connect",
+            f"127.0.0.1:{gateway.smtps_port}",
+            "-tls1_2",
+            "-brief",
+            "-ign_eof",
+        ],
         input=b"QUIT\r\n",
         capture_output=True,
         timeout=20,
@@ -276,9 +308,22 @@ def test_swaks_submission_with_starttls_and_auth(gateway: Gateway) -> None:
     before = len(gateway.delivered(BOB))
     result = subprocess.run(
         [
-            "swaks", "--server", f"127.0.0.1:{gateway.submission_port}", "--tls",
-            "--auth", "PLAIN", "--auth-user", ALICE, "--auth-password", PASSWORD,
-            "--from", ALICE, "--to", BOB, "--header", "Subject: swaks test",
+            "swaks",
+            "--server",
+            f"127.0.0.1:{gateway.submission_port}",
+            "--tls",
+            "--auth",
+            "PLAIN",
+            "--auth-user",
+            ALICE,
+            "--auth-password",
+            PASSWORD,
+            "--from",
+            ALICE,
+            "--to",
+            BOB,
+            "--header",
+            "Subject: swaks test",
         ],
         capture_output=True,
         timeout=30,
@@ -292,16 +337,40 @@ def test_swaks_submission_with_starttls_and_auth(gateway: Gateway) -> None:
 
 def test_swaks_mx_delivery_and_tls_on_connect(gateway: Gateway) -> None:
     result = subprocess.run(
-        ["swaks", "--server", f"127.0.0.1:{gateway.smtp_port}", "--to", ALICE,
-         "--from", "someone@remote.example", "--header", "Subject: swaks mx"],
+        [
+            "swaks",
+            "--server",
+            f"127.0.0.1:{gateway.smtp_port}",
+            "--to",
+            ALICE,
+            "--from",
+            "someone@remote.example",
+            "--header",
+            "Subject: swaks mx",
+        ],
         capture_output=True,
         timeout=30,
     )
     assert result.returncode == 0, result.stdout.decode()
     result = subprocess.run(
-        ["swaks", "--server", f"127.0.0.1:{gateway.smtps_port}", "--tls-on-connect",
-         "--auth", "LOGIN", "--auth-user", BOB, "--auth-password", PASSWORD,
-         "--from", BOB, "--to", ALICE, "--header", "Subject: swaks smtps"],
+        [
+            "swaks",
+            "--server",
+            f"127.0.0.1:{gateway.smtps_port}",
+            "--tls-on-connect",
+            "--auth",
+            "LOGIN",
+            "--auth-user",
+            BOB,
+            "--auth-password",
+            PASSWORD,
+            "--from",
+            BOB,
+            "--to",
+            ALICE,
+            "--header",
+            "Subject: swaks smtps",
+        ],
         capture_output=True,
         timeout=30,
     )

@@ -135,9 +135,9 @@ class DeliveryHandler:
 
     def received_header(self, session: MailgateSMTP, queue_id: str) -> bytes:
         config = self.context.config
-        helo = _HELO_UNSAFE.sub("?", session.session.host_name or "unknown")[:255]
-        smtputf8 = session.envelope.smtp_utf8
-        protocol = ("UTF8SMTP" if smtputf8 else "ESMTP") if session.session.extended_smtp else "SMTP"
+        helo = _HELO_UNSAFE.sub("?", session.sess.host_name or "unknown")[:255]
+        smtputf8 = session.env.smtp_utf8
+        protocol = ("UTF8SMTP" if smtputf8 else "ESMTP") if session.sess.extended_smtp else "SMTP"
         tls = session.tls_info()
         if tls is not None:
             protocol += "S"
@@ -148,7 +148,7 @@ class DeliveryHandler:
             version, cipher, bits = tls
             lines.append(f"\t(using {version} with cipher {cipher} ({bits} bits))")
         lines.append(f"\tby {config.hostname} (mailgate) with {protocol} id {queue_id}")
-        recipients = session.envelope.rcpt_tos
+        recipients = session.env.rcpt_tos
         stamp = email.utils.format_datetime(email.utils.localtime())
         if len(recipients) == 1:
             lines.append(f"\tfor <{recipients[0]}>; {stamp}")
@@ -159,14 +159,14 @@ class DeliveryHandler:
 
     async def accept_message(self, session: MailgateSMTP, content: bytes) -> Reply:
         queue_id = session.queue_id or new_queue_id()
-        envelope = session.envelope
+        envelope = session.env
         spool_envelope = SpoolEnvelope(
             queue_id=queue_id,
             mail_from=envelope.mail_from or "",
             rcpt_tos=list(envelope.rcpt_tos),
             client_address=session.client_ip,
             client_name="",
-            helo=session.session.host_name or "",
+            helo=session.sess.host_name or "",
             auth_user=session.auth_user,
             mail_options=list(envelope.mail_options),
             rcpt_options=[

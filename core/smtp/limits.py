@@ -14,7 +14,9 @@ from collections.abc import Callable
 class SlidingWindow:
     """Counts events per key over the last ``window`` seconds (exact sliding log)."""
 
-    def __init__(self, limit: int, window: float, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self, limit: int, window: float, clock: Callable[[], float] = time.monotonic
+    ) -> None:
         self.limit = limit
         self.window = window
         self._clock = clock

@@ -21,8 +21,12 @@ MAX_PATH = 256
 _ATEXT = r"A-Za-z0-9!#$%&'*+\-/=?^_`{|}~"
 _UTF8_NON_ASCII = "\u0080-\U0010ffff"
 _DOT_STRING = re.compile(rf"^[{_ATEXT}{_UTF8_NON_ASCII}]+(?:\.[{_ATEXT}{_UTF8_NON_ASCII}]+)*$")
-_QUOTED_STRING = re.compile(rf'^"(?:[\x20\x21\x23-\x5b\x5d-\x7e{_UTF8_NON_ASCII}]|\\[\x20-\x7e])*"$')
-_SUB_DOMAIN = re.compile(rf"^[A-Za-z0-9{_UTF8_NON_ASCII}](?:[A-Za-z0-9\-{_UTF8_NON_ASCII}]*[A-Za-z0-9{_UTF8_NON_ASCII}])?$")
+_QUOTED_STRING = re.compile(
+    rf'^"(?:[\x20\x21\x23-\x5b\x5d-\x7e{_UTF8_NON_ASCII}]|\\[\x20-\x7e])*"$'
+)
+_SUB_DOMAIN = re.compile(
+    rf"^[A-Za-z0-9{_UTF8_NON_ASCII}](?:[A-Za-z0-9\-{_UTF8_NON_ASCII}]*[A-Za-z0-9{_UTF8_NON_ASCII}])?$"
+)
 _KEYWORD = re.compile(r"^[A-Za-z0-9][A-Za-z0-9\-]*$")
 _VALUE = re.compile(rf"^[\x21-\x3c\x3e-\x7e{_UTF8_NON_ASCII}]+$")
 _VERB = re.compile(r"^[A-Za-z]{1,16}$")
@@ -178,7 +182,7 @@ def _valid_address_literal(literal: str) -> bool:
     try:
         ipaddress.IPv4Address(inner)
     except ValueError:
-        return bool(_GENERAL_LITERAL.match(inner)) and not inner[:5].upper() == "IPV6:"
+        return bool(_GENERAL_LITERAL.match(inner)) and inner[:5].upper() != "IPV6:"
     return True
 
 

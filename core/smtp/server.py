@@ -122,7 +122,10 @@ class SmtpServer:
             if address.is_unix:
                 _remove_stale_socket(Path(address.path))
                 server = await loop.create_unix_server(
-                    self._factory(role), address.path, ssl=tls, ssl_handshake_timeout=timeout if tls else None
+                    self._factory(role),
+                    address.path,
+                    ssl=tls,
+                    ssl_handshake_timeout=timeout if tls else None,
                 )
                 os.chmod(address.path, 0o666)
             else:
@@ -136,7 +139,9 @@ class SmtpServer:
                     backlog=1024,
                 )
         except OSError as exc:
-            raise ConfigError([f"{role}_listen: cannot listen on {address}: {exc.strerror}"]) from None
+            raise ConfigError(
+                [f"{role}_listen: cannot listen on {address}: {exc.strerror}"]
+            ) from None
         self.servers.append(server)
         names = [_sockname(sock.getsockname()) for sock in server.sockets]
         self.bound[role] += names

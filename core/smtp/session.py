@@ -18,13 +18,19 @@ import contextlib
 import ipaddress
 import logging
 import ssl
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
-from aiosmtpd.smtp import SMTP, AuthResult, TLSSetupException, syntax
+from aiosmtpd.smtp import SMTP, AuthResult, Envelope, Session, TLSSetupException, syntax
 
 from mailgate.core.smtp import replies
 from mailgate.core.smtp.framing import DataReader, LineBuffer, TooLong
-from mailgate.core.smtp.parser import CommandSyntaxError, MailPath, parse_mail_from, parse_rcpt_to, split_command
+from mailgate.core.smtp.parser import (
+    CommandSyntaxError,
+    MailPath,
+    parse_mail_from,
+    parse_rcpt_to,
+    split_command,
+)
 from mailgate.core.smtp.replies import Reply
 
 if TYPE_CHECKING:
@@ -40,7 +46,7 @@ class SessionClosed(Exception):
     """The session ended (timeout, error limit, shutdown): stop the read loop."""
 
 
-class MailgateSMTP(SMTP):  # type: ignore[misc]
+class MailgateSMTP(SMTP):
     """The SMTP protocol for one connection on one listener role (smtp, submission, smtps)."""
 
     # aiosmtpd sizes its StreamReader with this; our framing enforces the real line limit.
@@ -105,6 +111,17 @@ class MailgateSMTP(SMTP):  # type: ignore[misc]
         # Our read loop applies the per-state timeouts itself; aiosmtpd only needs a handle.
         if self._timeout_handle is None:
             self._timeout_handle = self.loop.call_later(86400 * 365, lambda: None)
+
+    @property
+    def sess(self) -> Session:
+        """The aiosmtpd session (set from the moment the connection is made)."""
+        # No assert: aiosmtpd inspects every attribute of the protocol while constructing it.
+        return cast(Session, self.session)
+
+    @property
+    def env(self) -> Envelope:
+        """The current transaction's envelope."""
+        return cast(Envelope, self.envelope)
 
     @property
     def tls_active(self) -> bool:
@@ -210,7 +227,10 @@ class MailgateSMTP(SMTP):  # type: ignore[misc]
                 "per_ip": replies.TOO_MANY_FROM_IP,
             }[refusal]
             log.warning(
-                "%s: refused connection from [%s]: %s limit", self.session_id, self.client_ip, refusal
+                "%s: refused connection from [%s]: %s limit",
+                self.session_id,
+                self.client_ip,
+                refusal,
             )
             with contextlib.suppress(SessionClosed):
                 await self._close_with(reply)
@@ -277,7 +297,7 @@ class MailgateSMTP(SMTP):  # type: ignore[misc]
     # -- transaction state -------------------------------------------------------------
 
     def _reset_transaction(self) -> None:
-        self._set_rset_state()
+        self.envelope = self._create_envelope()
         self.in_transaction = False
         self.queue_id = None
         self.body_type = "7BIT"
@@ -291,8 +311,8 @@ class MailgateSMTP(SMTP):  # type: ignore[misc]
             await self.reply(replies.SYNTAX_HELO)
             return
         self._reset_transaction()
-        self.session.extended_smtp = False
-        self.session.host_name = arg
+        self.sess.extended_smtp = False
+        self.sess.host_name = arg
         await self._write_line(f"250 {self.hostname}")
 
     @syntax("EHLO hostname")
@@ -301,8 +321,8 @@ class MailgateSMTP(SMTP):  # type: ignore[misc]
             await self.reply(replies.SYNTAX_EHLO)
             return
         self._reset_transaction()
-        self.session.extended_smtp = True
-        self.session.host_name = arg
+        self.sess.extended_smtp = True
+        self.sess.host_name = arg
         lines = [
             self.hostname,
             "PIPELINING",
@@ -377,7 +397,7 @@ class MailgateSMTP(SMTP):  # type: ignore[misc]
     async def smtp_AUTH(self, arg: str | None) -> None:
         if await self.check_helo_needed("EHLO"):
             return
-        if not self.session.extended_smtp:
+        if not self.sess.extended_smtp:
             await self.reply(Reply(503, "5.5.1", "Send EHLO first"))
             return
         if self.role == "smtp" and not self.context.config.smtp_auth:
@@ -389,7 +409,7 @@ class MailgateSMTP(SMTP):  # type: ignore[misc]
         if self.in_transaction:
             await self.reply(replies.AUTH_DURING_MAIL)
             return
-        if self.session.authenticated:
+        if self.sess.authenticated:
             await self.reply(replies.AUTH_ALREADY)
             return
         if self.context.auth_failures.exceeded(self.client_ip):
@@ -401,8 +421,8 @@ class MailgateSMTP(SMTP):  # type: ignore[misc]
             mechanism, _, rest = arg.partition(" ")
             arg = f"{mechanism.upper()} {rest}".strip()
         await super().smtp_AUTH(arg)
-        if self.session.authenticated and self.session.auth_data:
-            self.auth_user = str(self.session.auth_data)
+        if self.sess.authenticated and self.sess.auth_data:
+            self.auth_user = str(self.sess.auth_data)
 
     async def _challenge(self, prompt: bytes) -> bytes | None:
         """Send a 334 challenge and read the base64 answer; None after an abort or bad data."""
@@ -510,15 +530,15 @@ class MailgateSMTP(SMTP):  # type: ignore[misc]
         reply = await self.handler.check_sender(self, path)
         if reply.code == 250:
             self.in_transaction = True
-            self.envelope.mail_from = path.address
-            self.envelope.mail_options = _render_params(path.params)
-            self.envelope.smtp_utf8 = "SMTPUTF8" in path.params
+            self.env.mail_from = path.address
+            self.env.mail_options = _render_params(path.params)
+            self.env.smtp_utf8 = "SMTPUTF8" in path.params
             self.body_type = (path.params.get("BODY") or "7BIT").upper()
         await self.reply(reply)
 
     def _check_mail_params(self, path: MailPath) -> Reply | None:
         params = path.params
-        if params and not self.session.extended_smtp:
+        if params and not self.sess.extended_smtp:
             return replies.syntax_error("parameters require EHLO")
         for key, value in params.items():
             if key == "SIZE":
@@ -560,16 +580,16 @@ class MailgateSMTP(SMTP):  # type: ignore[misc]
             key = next(iter(path.params))
             await self.reply(replies.PARAM_UNKNOWN.with_text(f"Unsupported RCPT parameter {key}"))
             return
-        if not path.is_ascii and not self.envelope.smtp_utf8:
+        if not path.is_ascii and not self.env.smtp_utf8:
             await self.reply(replies.NON_ASCII_NEEDS_SMTPUTF8)
             return
-        if len(self.envelope.rcpt_tos) >= self.context.config.max_recipients:
+        if len(self.env.rcpt_tos) >= self.context.config.max_recipients:
             log.info("%s: too many recipients from [%s]", self.session_id, self.client_ip)
             await self.reply(replies.TOO_MANY_RECIPIENTS)
             return
         reply, address = await self.handler.check_recipient(self, path)
         if reply.code == 250:
-            self.envelope.rcpt_tos.append(address)
+            self.env.rcpt_tos.append(address)
             self.rcpt_params.append(dict(path.params))
         await self.reply(reply)
 
@@ -582,7 +602,7 @@ class MailgateSMTP(SMTP):  # type: ignore[misc]
         if not self.in_transaction:
             await self.reply(replies.NEED_MAIL)
             return
-        if not self.envelope.rcpt_tos:
+        if not self.env.rcpt_tos:
             await self.reply(replies.NEED_RCPT)
             return
         if arg:
@@ -611,7 +631,11 @@ class MailgateSMTP(SMTP):  # type: ignore[misc]
         if line_too_long:
             log.info("%s: message line too long from [%s]", self.session_id, self.client_ip)
             return replies.DATA_LINE_TOO_LONG
-        if has_8bit and self.body_type == "7BIT" and self.context.config.reject_8bit_without_8bitmime:
+        if (
+            has_8bit
+            and self.body_type == "7BIT"
+            and self.context.config.reject_8bit_without_8bitmime
+        ):
             return replies.EIGHT_BIT_UNANNOUNCED
         return None
 
