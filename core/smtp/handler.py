@@ -15,7 +15,7 @@ import logging
 import re
 from typing import TYPE_CHECKING
 
-from mailgate.core.errors import SpoolError
+from mailgate.core.errors import SpoolError, UserStoreError
 from mailgate.core.smtp import replies
 from mailgate.core.smtp.parser import MailPath
 from mailgate.core.smtp.replies import Reply
@@ -42,8 +42,10 @@ class DeliveryHandler:
 
     async def check_sender(self, session: MailgateSMTP, path: MailPath) -> Reply:
         if session.auth_user is not None:
-            allowed = await asyncio.to_thread(self.context.users.senders_for, session.auth_user)
-            if path.address.lower() not in {address.lower() for address in allowed}:
+            allowed = await asyncio.to_thread(
+                self.context.users.may_send_as, session.auth_user, path.address
+            )
+            if not allowed:
                 log.warning(
                     "%s: reject: sender <%s> not owned by %s",
                     session.session_id,
@@ -87,7 +89,18 @@ class DeliveryHandler:
         if path.address == "Postmaster":
             return await self._postmaster(session)
         if await self.is_local_domain(path.domain):
-            targets = await asyncio.to_thread(self.context.users.resolve, path.address)
+            try:
+                targets = await asyncio.to_thread(self.context.users.resolve, path.address)
+            except UserStoreError as exc:
+                # An alias loop or runaway expansion is the operator's to fix: ask to retry.
+                log.error(
+                    "%s: %s: cannot resolve <%s>: %s",
+                    session.session_id,
+                    queue_id,
+                    path.address,
+                    exc,
+                )
+                return replies.LOOKUP_FAILED, path.address
             if targets is None:
                 log.info(
                     "%s: %s: reject: RCPT from [%s]: <%s>: user unknown",
@@ -109,6 +122,12 @@ class DeliveryHandler:
         )
         return replies.RELAY_DENIED, path.address
 
+    async def _known(self, address: str) -> bool:
+        try:
+            return await asyncio.to_thread(self.context.users.resolve, address) is not None
+        except UserStoreError:
+            return False
+
     async def _postmaster(self, session: MailgateSMTP) -> tuple[Reply, str]:
         # RFC 5321 4.5.1: <Postmaster> without a domain must be accepted; it lands on the
         # postmaster of the first local domain that has one.
@@ -116,7 +135,7 @@ class DeliveryHandler:
         domains += await asyncio.to_thread(self.context.users.list_domains)
         for domain in [self.context.config.hostname, *domains]:
             address = f"postmaster@{domain}"
-            if await asyncio.to_thread(self.context.users.resolve, address) is not None:
+            if await self._known(address):
                 return Reply(250, "2.1.5", f"Recipient ok ({address})"), address
         return replies.UNKNOWN_USER, "Postmaster"
 
@@ -127,7 +146,7 @@ class DeliveryHandler:
         domain = address.rsplit("@", 1)[1]
         if not await self.is_local_domain(domain):
             return Reply(252, "2.1.5", "Not a local address; will attempt delivery")
-        if await asyncio.to_thread(self.context.users.resolve, address) is None:
+        if not await self._known(address):
             return replies.UNKNOWN_USER
         return Reply(250, "2.1.5", f"<{address}>")
 

@@ -86,6 +86,7 @@ NON_ASCII_NEEDS_SMTPUTF8 = Reply(
     553, "5.6.7", "Non-ASCII address requires the SMTPUTF8 parameter on MAIL"
 )
 UNKNOWN_USER = Reply(550, "5.1.1", "Recipient address rejected: User unknown")
+LOOKUP_FAILED = Reply(451, "4.3.0", "Recipient address lookup failed, try again later")
 RELAY_DENIED = Reply(554, "5.7.1", "Relay access denied")
 SENDER_NOT_OWNED = Reply(553, "5.7.1", "Sender address rejected: not owned by authenticated user")
 TOO_MANY_RECIPIENTS = Reply(452, "4.5.3", "Too many recipients")
