@@ -45,7 +45,13 @@ async def run_gateway(config: Config, *, ready: asyncio.Event | None = None) -> 
     users = SQLiteUserStore(config.user_db)
     spool = Spool(config.spool_dir)
     maildir = MaildirStore(config.mail_dir, config.hostname)
-    delivery = DeliveryAgent(spool, maildir, users)
+    local_domains = set(config.local_domains)
+    delivery = DeliveryAgent(
+        spool,
+        maildir,
+        users,
+        is_local_domain=lambda domain: domain in local_domains or users.is_local_domain(domain),
+    )
     context = ServerContext(
         config=config,
         users=users,
@@ -59,6 +65,7 @@ async def run_gateway(config: Config, *, ready: asyncio.Event | None = None) -> 
         await server.start()
     except ConfigError:
         users.close()
+        spool.close()
         raise
     await delivery.start()
 
@@ -80,6 +87,7 @@ async def run_gateway(config: Config, *, ready: asyncio.Event | None = None) -> 
     log.info("shutting down: no new connections; grace %.0fs", config.shutdown_grace)
     await server.shutdown(config.shutdown_grace)
     await delivery.stop()
+    spool.close()
     users.close()
     log.info("stopped")
     return 0

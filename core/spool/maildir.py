@@ -1,0 +1,190 @@
+"""Final delivery into Maildir mailboxes under ``root/<domain>/<localpart>/``.
+
+Each delivery follows the Maildir protocol: a unique name, the file written in ``tmp/``,
+fsync'd, renamed into ``new/``, and ``new/`` fsync'd, so a mailbox never shows a partial
+message and a delivered one survives a crash. Names are
+``<sec>.M<usec>P<pid>Q<counter>.<host>,S=<size>`` (the ``,S=`` size is what Dovecot
+reads to skip a stat).
+
+The stored message gets ``Return-Path:`` and ``Delivered-To:`` prepended, as final
+delivery does (RFC 5321 section 4.4), and Unix line ends like Postfix's local delivery
+and Dovecot write; a BINARYMIME message is stored byte for byte instead.
+
+Address parts become path components only through ``mailbox_component``, which
+%-encodes everything outside a conservative set and any leading dot, so no address can
+name a path outside the root.
+"""
+
+from __future__ import annotations
+
+import errno
+import itertools
+import os
+import threading
+import time
+from pathlib import Path
+
+from mailgate.core.errors import DeliveryError
+
+_SAFE = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._+=-")
+_MAX_COMPONENT = 255
+_DIR_MODE = 0o700
+_FILE_MODE = 0o600
+# Errors that retrying cannot fix: the address itself cannot become a file name.
+_PERMANENT_ERRNOS = {errno.ENAMETOOLONG}
+
+
+def mailbox_component(text: str) -> str:
+    """``text`` as one safe path component: %XX for unsafe bytes and a leading dot.
+
+    The encoding is reversible ("%" itself is encoded), so distinct addresses never share
+    a mailbox.
+    """
+    out = []
+    for index, ch in enumerate(text):
+        if ch in _SAFE and not (index == 0 and ch == "."):
+            out.append(ch)
+        else:
+            out.extend(f"%{byte:02X}" for byte in ch.encode("utf-8", "surrogatepass"))
+    return "".join(out)
+
+
+def _host_component(hostname: str) -> str:
+    # The Maildir specification's escapes for the two characters a name must not hold.
+    return hostname.replace("/", "\\057").replace(":", "\\072")
+
+
+def _header_value(text: str) -> str:
+    # Envelope addresses come from SMTP and cannot hold line ends; never let one slip
+    # into the header block anyway.
+    return text.replace("\r", "").replace("\n", "")
+
+
+class MaildirStore:
+    """Mailboxes under ``root``; ``hostname`` goes into the unique file names."""
+
+    def __init__(self, root: Path, hostname: str) -> None:
+        self.root = Path(root)
+        self.hostname = hostname
+        self._host = _host_component(hostname)
+        self._counter = itertools.count(1)
+        self._lock = threading.Lock()
+        self._ready: set[Path] = set()
+
+    def mailbox_path(self, address: str) -> Path:
+        """The Maildir of ``address``; DeliveryError (permanent) if it is no address."""
+        local, at, domain = address.rpartition("@")
+        if not at or not local or not domain:
+            raise DeliveryError(f"invalid mailbox address {address!r}", permanent=True)
+        parts = (mailbox_component(domain.lower()), mailbox_component(local))
+        if any(len(part) > _MAX_COMPONENT for part in parts):
+            raise DeliveryError(f"mailbox address too long: {address!r}", permanent=True)
+        return self.root.joinpath(*parts)
+
+    def deliver(
+        self, address: str, content: bytes, *, return_path: str, binary: bool = False
+    ) -> Path:
+        """Deliver one copy to ``address``'s Maildir; the path of the new file.
+
+        Raises DeliveryError: permanent for an address that cannot be a mailbox,
+        temporary for file system errors (a full disk defers the mail, never loses it).
+        """
+        mailbox = self.mailbox_path(address)
+        eol = b"\r\n" if binary else b"\n"
+        headers = (
+            b"Return-Path: <"
+            + _header_value(return_path).encode("utf-8", "surrogateescape")
+            + b">"
+            + eol
+            + b"Delivered-To: "
+            + _header_value(address).encode("utf-8", "surrogateescape")
+            + eol
+        )
+        body = content if binary else content.replace(b"\r\n", b"\n")
+        size = len(headers) + len(body)
+        tmp_path: Path | None = None
+        try:
+            tmp_path, fd = self._create_tmp(mailbox, size)
+            final = mailbox / "new" / tmp_path.name
+            try:
+                _write_all(fd, headers)
+                _write_all(fd, body)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.rename(tmp_path, final)
+            tmp_path = None
+            _fsync_dir(mailbox / "new")
+        except OSError as exc:
+            if tmp_path is not None:
+                _unlink_quietly(tmp_path)
+            raise DeliveryError(
+                f"cannot write to {mailbox}: {exc.strerror or exc}",
+                permanent=exc.errno in _PERMANENT_ERRNOS,
+            ) from exc
+        return final
+
+    def _create_tmp(self, mailbox: Path, size: int) -> tuple[Path, int]:
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
+        self._prepare(mailbox)
+        path = mailbox / "tmp" / self._unique_name(size)
+        try:
+            return path, os.open(path, flags, _FILE_MODE)
+        except FileNotFoundError:
+            # The mailbox was removed behind our back since we created it: make it again.
+            with self._lock:
+                self._ready.discard(mailbox)
+            self._prepare(mailbox)
+            return path, os.open(path, flags, _FILE_MODE)
+
+    def _unique_name(self, size: int) -> str:
+        now = time.time_ns() // 1000
+        seconds, micros = divmod(now, 1_000_000)
+        with self._lock:
+            counter = next(self._counter)
+        return f"{seconds}.M{micros}P{os.getpid()}Q{counter}.{self._host},S={size}"
+
+    def _prepare(self, mailbox: Path) -> None:
+        """Create the Maildir on first use, every new directory entry made durable."""
+        if mailbox in self._ready:
+            return
+        if not self.root.is_dir():
+            self.root.mkdir(mode=_DIR_MODE, parents=True, exist_ok=True)
+            _fsync_dir(self.root.parent)
+        for path in (mailbox.parent, mailbox, mailbox / "tmp", mailbox / "new", mailbox / "cur"):
+            _make_dir(path)
+        with self._lock:
+            self._ready.add(mailbox)
+
+
+def _make_dir(path: Path) -> None:
+    try:
+        os.mkdir(path, _DIR_MODE)
+    except FileExistsError:
+        if not path.is_dir():
+            raise
+        return
+    # The new name must survive a crash along with the mail about to be put inside it.
+    _fsync_dir(path.parent)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        written = os.write(fd, view)
+        view = view[written:]
+
+
+def _unlink_quietly(path: Path) -> None:
+    try:
+        os.unlink(path)
+    except OSError:
+        return

@@ -1,0 +1,519 @@
+"""The durable spool: accepted messages on disk until delivery is finished.
+
+Layout under the spool root (every directory mode 0700, every file 0600)::
+
+    tmp/        files being written; anything here at start-up is a leftover and is removed
+    incoming/   accepted messages that local delivery has not finished
+    deferred/   messages with work left: a retry after a temporary failure, or remote
+                targets and bounces waiting for the outbound relay
+    corrupt/    files that could not be parsed, kept for the operator instead of retried
+
+One file per message, named by its queue id, holds everything, so accepting a message is
+one atomic rename::
+
+    MGSPOOL1 <envelope length> <message length>\\n
+    <envelope JSON>\\n
+    <message bytes, exactly as received>
+
+``store`` returns only when the file's data is fsync'd and the directory holding its new
+name is fsync'd too: the SMTP server answers 250 after that, and a crash at any later
+moment cannot lose the message. Directory fsyncs are shared by group commit: every rename
+finished before a directory fsync starts is covered by it, so many concurrent sessions
+pay for one directory fsync per batch instead of one each. The file's own fsync stays
+per file. Progress updates write a new file and rename it over the old one, so a crash
+leaves either the old or the new version, never a mix.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import itertools
+import logging
+import os
+import threading
+from collections.abc import Awaitable, Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO, Literal, TypeVar, TypeVarTuple, Unpack
+
+from mailgate.core.errors import SpoolError
+from mailgate.core.spool.envelope import SpoolEnvelope
+from mailgate.core.spool.queue_id import is_valid_queue_id
+
+log = logging.getLogger("mailgate.spool")
+
+QueueName = Literal["incoming", "deferred"]
+# Deferred first: after a crash between the two steps of defer() both copies exist, and
+# the deferred one is the newer.
+QUEUES: tuple[QueueName, ...] = ("deferred", "incoming")
+
+MAGIC = b"MGSPOOL1"
+_MAX_HEADER_LINE = 64
+_MAX_ENVELOPE = 16 * 1024 * 1024
+_COPY_CHUNK = 1024 * 1024
+_DIR_MODE = 0o700
+_FILE_MODE = 0o600
+_WRITE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
+# copy_file_range refuses some file system combinations; those get a plain copy instead.
+_NO_COPY_RANGE = {errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.EPERM}
+# Hard links are the no-overwrite rename; file systems without them fall back to rename.
+_NO_LINK = {errno.EPERM, errno.EOPNOTSUPP, errno.ENOSYS}
+
+T = TypeVar("T")
+Ts = TypeVarTuple("Ts")
+
+
+class CorruptSpoolFile(SpoolError):
+    """A spool file exists but cannot be parsed (truncated, damaged, foreign)."""
+
+    def __init__(self, path: Path, problem: str) -> None:
+        super().__init__(f"{path}: {problem}")
+        self.path = path
+
+
+class NoSuchMessage(SpoolError):
+    """No spool file has this queue id (delivered, deleted, or never stored)."""
+
+
+@dataclass(frozen=True, slots=True)
+class SpoolEntry:
+    """A spooled message without its bytes: where it is, its envelope and its size."""
+
+    queue_id: str
+    queue: QueueName
+    path: Path
+    envelope: SpoolEnvelope
+    size: int
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_all(fd: int, parts: Sequence[bytes | memoryview]) -> None:
+    views = [memoryview(part).cast("B") for part in parts if len(part)]
+    while views:
+        written = os.writev(fd, views)
+        while written:
+            if written >= len(views[0]):
+                written -= len(views.pop(0))
+            else:
+                views[0] = views[0][written:]
+                written = 0
+
+
+def _copy_range(src: int, dst: int, offset: int, count: int, path: Path) -> None:
+    """Append ``count`` bytes of ``src`` from ``offset`` to ``dst`` (in the kernel if it can)."""
+    use_copy_range = hasattr(os, "copy_file_range")
+    while count:
+        if use_copy_range:
+            try:
+                copied = os.copy_file_range(src, dst, count, offset)
+            except OSError as exc:
+                if exc.errno not in _NO_COPY_RANGE:
+                    raise
+                use_copy_range = False
+                continue
+        else:
+            chunk = os.pread(src, min(count, _COPY_CHUNK), offset)
+            _write_all(dst, [chunk])
+            copied = len(chunk)
+        if copied == 0:
+            raise CorruptSpoolFile(path, "message is shorter than its header says")
+        offset += copied
+        count -= copied
+
+
+def _encode_header(envelope: SpoolEnvelope, size: int) -> bytes:
+    text = envelope.to_json().encode("ascii")
+    return b"%s %d %d\n%s\n" % (MAGIC, len(text), size, text)
+
+
+def _read_header(f: BinaryIO, path: Path, queue_id: str) -> tuple[SpoolEnvelope, int, int]:
+    """Parse the header of an open spool file: (envelope, message offset, message size)."""
+    line = f.readline(_MAX_HEADER_LINE)
+    parts = line.split()
+    if not line.endswith(b"\n") or len(parts) != 3 or parts[0] != MAGIC:
+        raise CorruptSpoolFile(path, "not a mailgate spool file (bad header line)")
+    try:
+        envelope_size, size = int(parts[1]), int(parts[2])
+    except ValueError:
+        raise CorruptSpoolFile(path, "bad header line") from None
+    if not 0 < envelope_size <= _MAX_ENVELOPE or size < 0:
+        raise CorruptSpoolFile(path, "bad lengths in header line")
+    raw = f.read(envelope_size + 1)
+    if len(raw) != envelope_size + 1 or not raw.endswith(b"\n"):
+        raise CorruptSpoolFile(path, "envelope truncated")
+    try:
+        envelope = SpoolEnvelope.from_json(raw[:-1])
+    except SpoolError as exc:
+        raise CorruptSpoolFile(path, str(exc)) from None
+    if envelope.queue_id != queue_id:
+        raise CorruptSpoolFile(path, f"envelope names queue id {envelope.queue_id!r}")
+    offset = len(line) + envelope_size + 1
+    actual = os.fstat(f.fileno()).st_size
+    if actual != offset + size:
+        raise CorruptSpoolFile(
+            path, f"file is {actual} bytes, its header says {offset + size} (truncated?)"
+        )
+    return envelope, offset, size
+
+
+def _checked_id(queue_id: str) -> str:
+    # Queue ids arrive from the command line too: never let one become a path.
+    if not is_valid_queue_id(queue_id):
+        raise SpoolError(f"invalid queue id {queue_id!r}")
+    return queue_id
+
+
+def _os_error(action: str, path: Path, exc: OSError) -> SpoolError:
+    return SpoolError(f"cannot {action} {path}: {exc.strerror or exc}")
+
+
+class _GroupSync:
+    """Group commit of one directory's fsync.
+
+    A caller takes a ticket after its rename; it is done when an fsync that *started*
+    after the ticket was taken has finished. While one fsync runs, later callers queue
+    up and the next fsync covers all of them at once.
+    """
+
+    def __init__(self, path: Path, run: Callable[[Path], Awaitable[None]]) -> None:
+        self._path = path
+        self._run = run
+        self._requested = 0
+        self._synced = 0
+        self._inflight: asyncio.Future[None] | None = None
+        self._inflight_covers = 0
+
+    async def sync(self) -> None:
+        self._requested += 1
+        ticket = self._requested
+        while self._synced < ticket:
+            if self._inflight is None:
+                self._inflight_covers = self._requested
+                self._inflight = asyncio.ensure_future(self._fsync(self._requested))
+                # Consumed here so that a failure nobody waits for any more is not reported
+                # as "exception never retrieved".
+                self._inflight.add_done_callback(lambda f: f.cancelled() or f.exception())
+            inflight, covers = self._inflight, self._inflight_covers
+            try:
+                # Shielded: a cancelled SMTP session must not cancel the fsync others wait on.
+                await asyncio.shield(inflight)
+            except OSError as exc:
+                if covers >= ticket:
+                    raise _os_error("fsync directory", self._path, exc) from exc
+                # That fsync began before our rename; ours is the next one.
+
+    async def _fsync(self, covers: int) -> None:
+        try:
+            await self._run(self._path)
+            self._synced = max(self._synced, covers)
+        finally:
+            self._inflight = None
+
+
+class Spool:
+    """The spool under ``root``.
+
+    With ``recover`` (the default, for the process that owns the spool) the directories
+    are created, ``tmp/`` is emptied and half-finished moves are settled. Tools that only
+    look at or delete messages while a server runs pass ``recover=False``, so they never
+    remove a file the server is writing.
+    """
+
+    def __init__(self, root: Path, *, recover: bool = True, io_threads: int = 16) -> None:
+        self.root = Path(root)
+        self.tmp_dir = self.root / "tmp"
+        self.incoming_dir = self.root / "incoming"
+        self.deferred_dir = self.root / "deferred"
+        self.corrupt_dir = self.root / "corrupt"
+        self._io_threads = io_threads
+        self._executor: ThreadPoolExecutor | None = None
+        self._executor_lock = threading.Lock()
+        self._tmp_seq = itertools.count()
+        self._syncs = {
+            path: _GroupSync(path, self._fsync_dir_async)
+            for path in (self.incoming_dir, self.deferred_dir, self.corrupt_dir)
+        }
+        if recover:
+            self._recover()
+
+    # -- lifecycle -------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Stop the I/O threads (after their current work). The spool stays usable."""
+        with self._executor_lock:
+            executor, self._executor = self._executor, None
+        if executor is not None:
+            executor.shutdown(wait=True)
+
+    def _recover(self) -> None:
+        for path in (
+            self.root,
+            self.tmp_dir,
+            self.incoming_dir,
+            self.deferred_dir,
+            self.corrupt_dir,
+        ):
+            self._make_dir(path)
+        removed = 0
+        for name in os.listdir(self.tmp_dir):
+            try:
+                os.unlink(self.tmp_dir / name)
+                removed += 1
+            except FileNotFoundError:
+                pass
+            except OSError as exc:
+                raise _os_error("remove", self.tmp_dir / name, exc) from exc
+        if removed:
+            log.info("spool: removed %d unfinished file(s) from %s", removed, self.tmp_dir)
+        # A crash inside defer() can leave the message in both queues; the deferred copy
+        # holds the newer progress, and delivering from the older one would repeat work.
+        both = set(os.listdir(self.incoming_dir)) & set(os.listdir(self.deferred_dir))
+        for name in sorted(both):
+            os.unlink(self.incoming_dir / name)
+            log.info("%s: removed stale copy from incoming/ (moved to deferred/)", name)
+        if both:
+            _fsync_dir(self.incoming_dir)
+
+    def _make_dir(self, path: Path) -> None:
+        try:
+            if not path.is_dir():
+                path.mkdir(mode=_DIR_MODE, parents=True, exist_ok=True)
+                # The new directory's own name must survive a crash as well.
+                _fsync_dir(path.parent)
+        except OSError as exc:
+            raise _os_error("create", path, exc) from exc
+
+    def _pool(self) -> ThreadPoolExecutor:
+        with self._executor_lock:
+            if self._executor is None:
+                self._executor = ThreadPoolExecutor(
+                    max_workers=self._io_threads, thread_name_prefix="mailgate-spool"
+                )
+            return self._executor
+
+    async def _run(self, fn: Callable[[Unpack[Ts]], T], *args: *Ts) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self._pool(), fn, *args)
+
+    async def _fsync_dir_async(self, path: Path) -> None:
+        await self._run(_fsync_dir, path)
+
+    def _queue_dir(self, queue: QueueName) -> Path:
+        return self.incoming_dir if queue == "incoming" else self.deferred_dir
+
+    def _tmp_path(self, queue_id: str) -> Path:
+        return self.tmp_dir / f"{queue_id}.{os.getpid()}.{next(self._tmp_seq)}"
+
+    # -- writing ---------------------------------------------------------------------
+
+    async def store(self, envelope: SpoolEnvelope, content: bytes | memoryview) -> None:
+        """Accept a message: when this returns it is on disk and survives any crash."""
+        queue_id = _checked_id(envelope.queue_id)
+        header = _encode_header(envelope, memoryview(content).nbytes)
+        await self._run(self._write_new, queue_id, header, content)
+        await self._syncs[self.incoming_dir].sync()
+
+    def _write_new(self, queue_id: str, header: bytes, content: bytes | memoryview) -> None:
+        tmp = self._tmp_path(queue_id)
+        final = self.incoming_dir / queue_id
+        try:
+            fd = os.open(tmp, _WRITE_FLAGS, _FILE_MODE)
+        except OSError as exc:
+            raise _os_error("create", tmp, exc) from exc
+        try:
+            try:
+                _write_all(fd, [header, content])
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            self._link_new(tmp, final)
+        except OSError as exc:
+            _unlink_quietly(tmp)
+            raise _os_error("write", final, exc) from exc
+        except BaseException:
+            _unlink_quietly(tmp)
+            raise
+
+    def _link_new(self, tmp: Path, final: Path) -> None:
+        # link() fails if the name exists, where rename() would silently replace an
+        # accepted message; ids are unique, so this only guards against a bug.
+        if (self.deferred_dir / final.name).exists():
+            raise SpoolError(f"{final.name}: queue id already in use in deferred/")
+        try:
+            os.link(tmp, final)
+        except FileExistsError:
+            raise SpoolError(f"{final}: queue id already in use") from None
+        except OSError as exc:
+            if exc.errno not in _NO_LINK:
+                raise
+            if final.exists():
+                raise SpoolError(f"{final}: queue id already in use") from None
+            os.replace(tmp, final)
+            return
+        os.unlink(tmp)
+
+    async def update_envelope(self, queue_id: str, envelope: SpoolEnvelope) -> None:
+        """Durably replace the envelope of a spooled message, in the queue it is in."""
+        queue_id = self._matching_id(queue_id, envelope)
+        queue, path = self._locate(queue_id)
+        await self._run(self._rewrite, path, self._queue_dir(queue), queue_id, envelope)
+        await self._syncs[self._queue_dir(queue)].sync()
+
+    async def defer(self, queue_id: str, envelope: SpoolEnvelope) -> None:
+        """Move a message to deferred/ with a new envelope (in place if already there)."""
+        queue_id = self._matching_id(queue_id, envelope)
+        queue, path = self._locate(queue_id)
+        await self._run(self._rewrite, path, self.deferred_dir, queue_id, envelope)
+        await self._syncs[self.deferred_dir].sync()
+        if queue == "incoming":
+            # Only after the deferred copy is durable may the incoming one go.
+            await self._run(_unlink_quietly, path)
+            await self._syncs[self.incoming_dir].sync()
+
+    def _matching_id(self, queue_id: str, envelope: SpoolEnvelope) -> str:
+        if envelope.queue_id != queue_id:
+            raise SpoolError(f"{queue_id}: envelope names queue id {envelope.queue_id!r}")
+        return _checked_id(queue_id)
+
+    def _rewrite(self, src: Path, dst_dir: Path, queue_id: str, envelope: SpoolEnvelope) -> None:
+        try:
+            f = open(src, "rb")  # noqa: SIM115 (closed below)
+        except FileNotFoundError:
+            raise NoSuchMessage(f"{queue_id}: no such message in the spool") from None
+        except OSError as exc:
+            raise _os_error("open", src, exc) from exc
+        tmp = self._tmp_path(queue_id)
+        with f:
+            try:
+                _, offset, size = _read_header(f, src, queue_id)
+                fd = os.open(tmp, _WRITE_FLAGS, _FILE_MODE)
+            except OSError as exc:
+                raise _os_error("rewrite", src, exc) from exc
+            try:
+                try:
+                    _write_all(fd, [_encode_header(envelope, size)])
+                    _copy_range(f.fileno(), fd, offset, size, src)
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+                # Checked as late as possible: a message deleted meanwhile (mailgate queue
+                # delete) must not come back to life.
+                if not src.exists():
+                    raise NoSuchMessage(f"{queue_id}: removed while being updated")
+                os.replace(tmp, dst_dir / queue_id)
+            except OSError as exc:
+                _unlink_quietly(tmp)
+                raise _os_error("rewrite", src, exc) from exc
+            except BaseException:
+                _unlink_quietly(tmp)
+                raise
+
+    async def remove(self, queue_id: str) -> None:
+        """Delete a message for good (after delivery, or by the operator)."""
+        queue_id = _checked_id(queue_id)
+        removed = await self._run(self._unlink_everywhere, queue_id)
+        if not removed:
+            raise NoSuchMessage(f"{queue_id}: no such message in the spool")
+        for directory in removed:
+            await self._syncs[directory].sync()
+
+    def _unlink_everywhere(self, queue_id: str) -> list[Path]:
+        removed = []
+        for queue in QUEUES:
+            directory = self._queue_dir(queue)
+            try:
+                os.unlink(directory / queue_id)
+            except FileNotFoundError:
+                continue
+            except OSError as exc:
+                raise _os_error("remove", directory / queue_id, exc) from exc
+            removed.append(directory)
+        return removed
+
+    async def quarantine(self, queue_id: str) -> None:
+        """Move an unreadable message to corrupt/, out of delivery's way but kept."""
+        queue_id = _checked_id(queue_id)
+        queue, path = self._locate(queue_id)
+        target = self.corrupt_dir / queue_id
+
+        def move() -> None:
+            self._make_dir(self.corrupt_dir)
+            try:
+                os.replace(path, target)
+            except OSError as exc:
+                raise _os_error("move", path, exc) from exc
+
+        await self._run(move)
+        await self._syncs[self.corrupt_dir].sync()
+        await self._syncs[self._queue_dir(queue)].sync()
+
+    # -- reading ---------------------------------------------------------------------
+
+    def list_ids(self, queue: QueueName | None = None) -> list[str]:
+        """Queue ids in ``queue`` (both queues if None), oldest first."""
+        ids: set[str] = set()
+        for name in QUEUES if queue is None else (queue,):
+            directory = self._queue_dir(name)
+            try:
+                ids.update(n for n in os.listdir(directory) if is_valid_queue_id(n))
+            except FileNotFoundError:
+                continue
+            except OSError as exc:
+                raise _os_error("list", directory, exc) from exc
+        return sorted(ids)
+
+    def _locate(self, queue_id: str) -> tuple[QueueName, Path]:
+        for queue in QUEUES:
+            path = self._queue_dir(queue) / queue_id
+            if path.exists():
+                return queue, path
+        raise NoSuchMessage(f"{queue_id}: no such message in the spool")
+
+    def _open(self, queue_id: str) -> tuple[QueueName, Path, BinaryIO]:
+        queue_id = _checked_id(queue_id)
+        for queue in QUEUES:
+            path = self._queue_dir(queue) / queue_id
+            try:
+                return queue, path, open(path, "rb")
+            except FileNotFoundError:
+                continue
+            except OSError as exc:
+                raise _os_error("open", path, exc) from exc
+        raise NoSuchMessage(f"{queue_id}: no such message in the spool")
+
+    def info(self, queue_id: str) -> SpoolEntry:
+        """Where a message is, its envelope and its size, without reading the message."""
+        queue, path, f = self._open(queue_id)
+        with f:
+            try:
+                envelope, _, size = _read_header(f, path, queue_id)
+            except OSError as exc:
+                raise _os_error("read", path, exc) from exc
+        return SpoolEntry(queue_id, queue, path, envelope, size)
+
+    def load(self, queue_id: str) -> tuple[SpoolEnvelope, bytes]:
+        """The envelope and the message bytes; CorruptSpoolFile if the file is damaged."""
+        _, path, f = self._open(queue_id)
+        with f:
+            try:
+                envelope, _, size = _read_header(f, path, queue_id)
+                content = f.read(size)
+            except OSError as exc:
+                raise _os_error("read", path, exc) from exc
+        if len(content) != size:
+            raise CorruptSpoolFile(path, "message truncated")
+        return envelope, content
+
+
+def _unlink_quietly(path: Path) -> None:
+    with contextlib.suppress(OSError):
+        os.unlink(path)
