@@ -209,6 +209,17 @@ class Config(BaseModel):
             raise ValueError("tls_cert and tls_key must be set together")
         return self
 
+    @model_validator(mode="after")
+    def _no_accidental_open_relay(self) -> Config:
+        # Trusting every address is an open relay; only the explicit opt-in may do that.
+        for net in self.relay_network_objects:
+            if net.prefixlen == 0 and not self.open_relay:
+                raise ValueError(
+                    f"relay_networks: {net} trusts every client (an open relay); "
+                    "set open_relay: true if that is really meant"
+                )
+        return self
+
     # Paths derived from data_dir, so every part agrees on the layout.
     @property
     def spool_dir(self) -> Path:

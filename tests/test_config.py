@@ -166,3 +166,13 @@ def test_unix_and_ipv6_listeners(fresh_gateway: Gateway, tmp_path: Path) -> None
         assert client.recv(100).startswith(b"220 ")
     with socket.create_connection(("::1", port), 5) as client:
         assert client.recv(100).startswith(b"220 ")
+
+
+def test_relay_networks_cannot_open_the_relay_by_accident() -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config(None, environ={"MAILGATE_RELAY_NETWORKS": "192.0.2.0/24, 0.0.0.0/0"})
+    assert "open relay" in info.value.problems[0]
+    config = load_config(
+        None, environ={"MAILGATE_RELAY_NETWORKS": "::/0", "MAILGATE_OPEN_RELAY": "true"}
+    )
+    assert config.open_relay
