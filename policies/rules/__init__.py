@@ -1,0 +1,1 @@
+"""mailgate.policies.rules: the YAML rule language shared by every policy daemon."""
