@@ -47,10 +47,15 @@ class MessageFacts:
                 name, value = headers[-1]
                 headers[-1] = (name, value + " " + line.strip().decode("utf-8", "replace"))
                 continue
-            name, colon, value = line.partition(b":")
+            raw_name, colon, raw_value = line.partition(b":")
             if not colon:
                 continue
-            headers.append((name.decode("ascii", "replace").strip(), value.strip().decode("utf-8", "replace")))
+            headers.append(
+                (
+                    raw_name.decode("ascii", "replace").strip(),
+                    raw_value.strip().decode("utf-8", "replace"),
+                )
+            )
         return cls(headers=headers, body=body, **envelope)
 
     @property
