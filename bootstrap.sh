@@ -5,8 +5,10 @@
 set -eu
 cd "$(dirname "$0")"
 
-SYSTEM_PACKAGES="python3 python3-venv python3-dev gcc libmilter-dev openssl ca-certificates
-    swaks libnet-ssleay-perl libio-socket-ssl-perl"
+# The Debian packages the gateway and its test suite need (real peers included).
+SYSTEM_PACKAGES=$(grep -v '^#' .ci/system-packages 2>/dev/null | tr '\n' ' ')
+[ -n "$SYSTEM_PACKAGES" ] || SYSTEM_PACKAGES="python3 python3-venv python3-dev gcc libmilter-dev
+    openssl ca-certificates swaks libnet-ssleay-perl libio-socket-ssl-perl"
 
 as_root() {
     if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi
@@ -34,14 +36,20 @@ install_system_packages() {
     pkgs=$(missing_packages)
     [ -n "$pkgs" ] || return 0
     echo "bootstrap: installing system packages: $pkgs"
-    # Packages must not start daemons of their own on this machine.
+    # Packages must not start daemons of their own on this machine (the tests run private
+    # instances); the guard is removed again afterwards if this script put it there.
+    guard=""
     if [ ! -e /usr/sbin/policy-rc.d ]; then
         printf '#!/bin/sh\nexit 101\n' | as_root tee /usr/sbin/policy-rc.d >/dev/null
         as_root chmod +x /usr/sbin/policy-rc.d
+        guard=yes
     fi
     as_root apt-get update -qq
+    # Postfix asks how to configure itself; the tests give it a private configuration.
+    echo 'postfix postfix/main_mailer_type select No configuration' | as_root debconf-set-selections 2>/dev/null || true
     # shellcheck disable=SC2086
     as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $pkgs >/dev/null
+    [ -z "$guard" ] || as_root rm -f /usr/sbin/policy-rc.d
 }
 
 setup_venv() {

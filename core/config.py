@@ -110,6 +110,12 @@ def _to_listen(value: Any) -> ListenAddress:
 
 def _to_domain(value: Any) -> str:
     domain = str(value).strip().rstrip(".").lower()
+    if not domain.isascii():
+        # Internationalized names are kept in their A-label form, as the user store does.
+        try:
+            domain = domain.encode("idna").decode("ascii")
+        except UnicodeError:
+            raise ValueError(f"{value!r} is not a valid domain name") from None
     if not _DOMAIN_RE.match(domain):
         raise ValueError(f"{value!r} is not a valid domain name")
     return domain
@@ -127,6 +133,64 @@ def _to_network(value: Any) -> str:
 Listen = Annotated[ListenAddress, BeforeValidator(_to_listen)]
 Domain = Annotated[str, BeforeValidator(_to_domain)]
 Network = Annotated[str, BeforeValidator(_to_network)]
+
+
+MilterAction = Literal["tempfail", "accept", "reject", "quarantine"]
+MacroStage = Literal["connect", "helo", "mail", "rcpt", "data", "eoh", "eom"]
+_MILTER_SOCKET = re.compile(r"^(inet6?:\d{1,5}@[^\s@]+|inet6?:[^\s@]+:\d{1,5}|unix:/\S+)$")
+_NAME_RE = re.compile(r"^[a-z][a-z0-9_-]{0,31}$")
+
+
+class MilterConfig(BaseModel):
+    """One milter in the chain: a socket to reach it, and optionally a daemon to run there."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str
+    socket: str | None = None
+    daemon: str | None = None
+    rules: Path | None = None
+    default_action: MilterAction | None = None
+    connect_timeout: float | None = Field(default=None, gt=0)
+    command_timeout: float | None = Field(default=None, gt=0)
+    content_timeout: float | None = Field(default=None, gt=0)
+    macros: dict[MacroStage, list[str]] | None = None
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, value: str) -> str:
+        if not _NAME_RE.match(value):
+            raise ValueError(f"{value!r}: use lower-case letters, digits, '-' and '_'")
+        return value
+
+    @field_validator("socket")
+    @classmethod
+    def _socket(cls, value: str | None) -> str | None:
+        if value is not None and not _MILTER_SOCKET.match(value):
+            raise ValueError(
+                f"{value!r}: expected inet:PORT@HOST, inet6:PORT@HOST, inet:HOST:PORT or unix:/path"
+            )
+        return value
+
+    @model_validator(mode="after")
+    def _reachable(self) -> MilterConfig:
+        if self.socket is None and self.daemon is None:
+            raise ValueError(f"milter {self.name!r} needs a socket, a daemon, or both")
+        if self.rules is not None and self.daemon is None:
+            raise ValueError(f"milter {self.name!r}: rules apply only to a daemon mailgate runs")
+        return self
+
+
+def _to_milter(value: Any) -> Any:
+    """``NAME=SOCKET`` or ``NAME=daemon`` (a built-in daemon on its default socket)."""
+    if not isinstance(value, str):
+        return value
+    name, sep, target = value.partition("=")
+    if not sep:
+        raise ValueError(f"{value!r}: expected NAME=SOCKET or NAME=daemon")
+    if target.strip() == "daemon":
+        return {"name": name.strip(), "daemon": name.strip()}
+    return {"name": name.strip(), "socket": target.strip()}
 
 
 class Config(BaseModel):
@@ -172,6 +236,14 @@ class Config(BaseModel):
     open_relay: bool = False
     reject_8bit_without_8bitmime: bool = False
 
+    milters: list[Annotated[MilterConfig, BeforeValidator(_to_milter)]] = Field(
+        default_factory=list
+    )
+    milter_default_action: MilterAction = "tempfail"
+    milter_connect_timeout: float = Field(default=30.0, gt=0)
+    milter_command_timeout: float = Field(default=30.0, gt=0)
+    milter_content_timeout: float = Field(default=300.0, gt=0)
+
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
     @field_validator(
@@ -180,6 +252,7 @@ class Config(BaseModel):
         "smtps_listen",
         "local_domains",
         "relay_networks",
+        "milters",
         mode="before",
     )
     @classmethod
@@ -208,6 +281,24 @@ class Config(BaseModel):
         if (self.tls_cert is None) != (self.tls_key is None):
             raise ValueError("tls_cert and tls_key must be set together")
         return self
+
+    @model_validator(mode="after")
+    def _unique_milters(self) -> Config:
+        names = [milter.name for milter in self.milters]
+        for name in names:
+            if names.count(name) > 1:
+                raise ValueError(f"milters: the name {name!r} is used twice")
+        return self
+
+    def milter_socket(self, milter: MilterConfig) -> str:
+        """Where the chain reaches ``milter``; a daemon without a socket gets one in run/."""
+        if milter.socket is not None:
+            return milter.socket
+        return f"unix:{(self.run_dir / f'{milter.name}.sock').absolute()}"
+
+    @property
+    def run_dir(self) -> Path:
+        return self.data_dir / "run"
 
     @model_validator(mode="after")
     def _no_accidental_open_relay(self) -> Config:

@@ -378,3 +378,12 @@ def test_swaks_mx_delivery_and_tls_on_connect(gateway: Gateway) -> None:
     messages = gateway.wait_delivered(ALICE, 2, timeout=15)
     assert any(b"swaks mx" in m for m in messages)
     assert any(b"swaks smtps" in m for m in messages)
+
+
+def test_smtps_requires_auth_like_submission(gateway: Gateway) -> None:
+    with smtplib.SMTP_SSL(
+        "127.0.0.1", gateway.smtps_port, context=client_context(), timeout=10
+    ) as client:
+        client.ehlo("client.example")
+        code, text = client.mail(ALICE)
+        assert (code, text[:5]) == (530, b"5.7.0")

@@ -68,6 +68,11 @@ class DeliveryHandler:
 
     async def is_local_domain(self, domain: str) -> bool:
         domain = domain.lower().rstrip(".")
+        if not domain.isascii():
+            try:
+                domain = domain.encode("idna").decode("ascii")
+            except UnicodeError:
+                return False
         if domain in self.context.config.local_domains:
             return True
         return await asyncio.to_thread(self.context.users.is_local_domain, domain)

@@ -94,7 +94,7 @@ NULL_RCPT = Reply(553, "5.1.3", "Null recipient not allowed")
 
 # -- size and content --------------------------------------------------------------------
 SIZE_EXCEEDED = Reply(552, "5.3.4", "Message size exceeds fixed maximum message size")
-DATA_LINE_TOO_LONG = Reply(500, "5.5.2", "Message line too long (limit 1000 octets with CRLF)")
+DATA_LINE_TOO_LONG = Reply(500, "5.5.2", "Message line too long")
 EIGHT_BIT_UNANNOUNCED = Reply(
     554, "5.6.0", "Message contains 8-bit data but BODY=8BITMIME was not given"
 )

@@ -66,7 +66,7 @@ class MailgateSMTP(SMTP):
             ident="mailgate",
             tls_context=None if self.implicit_tls else context.tls_context,
             timeout=config.command_timeout,
-            auth_required=role == "submission",
+            auth_required=role in ("submission", "smtps"),
             auth_require_tls=True,
             loop=asyncio.get_running_loop(),
         )
