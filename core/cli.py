@@ -15,11 +15,12 @@ def _registrars() -> list[Registrar]:
     # Imported here so that `mailgate --help` stays cheap and an import error in one family
     # names itself instead of breaking the whole command line at import time.
     from mailgate.core.config_cli import register as register_config
+    from mailgate.core.rules_cli import register as register_rules
     from mailgate.core.serve import register as register_serve
     from mailgate.core.spool.cli import register as register_queue
     from mailgate.core.users.cli import register as register_users
 
-    return [register_serve, register_config, register_users, register_queue]
+    return [register_serve, register_config, register_users, register_queue, register_rules]
 
 
 def build_parser() -> argparse.ArgumentParser:
