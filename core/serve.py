@@ -21,6 +21,7 @@ from mailgate.core.smtp.server import ServerContext, SmtpServer
 from mailgate.core.spool.delivery import DeliveryAgent
 from mailgate.core.spool.maildir import MaildirStore
 from mailgate.core.spool.spool import Spool
+from mailgate.core.supervisor import Supervisor, remove_pid_file, write_pid_file
 from mailgate.core.tls import ensure_certificate, server_context
 from mailgate.core.users.sqlite import SQLiteUserStore
 
@@ -61,9 +62,12 @@ async def run_gateway(config: Config, *, ready: asyncio.Event | None = None) -> 
         auth_failure_delay=config.auth_failure_delay,
     )
     server = SmtpServer(context)
+    supervisor = Supervisor(config)
+    await supervisor.start()
     try:
         await server.start()
     except ConfigError:
+        await supervisor.stop()
         users.close()
         spool.close()
         raise
@@ -73,6 +77,12 @@ async def run_gateway(config: Config, *, ready: asyncio.Event | None = None) -> 
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
+    # SIGHUP: the daemons reload their rules. SIGUSR1: deliver what is waiting now
+    # (sent by `mailgate queue quarantine release`).
+    loop.add_signal_handler(signal.SIGHUP, supervisor.reload)
+    loop.add_signal_handler(signal.SIGUSR1, delivery.scan_now)
+    # Only now: a SIGUSR1 that arrives before its handler exists would end the process.
+    write_pid_file(config)
     domains = ", ".join(config.local_domains) or "(none configured; see `mailgate domain add`)"
     log.info(
         "mailgate ready (pid %d): hostname %s, data dir %s, local domains %s",
@@ -86,9 +96,11 @@ async def run_gateway(config: Config, *, ready: asyncio.Event | None = None) -> 
     await stop.wait()
     log.info("shutting down: no new connections; grace %.0fs", config.shutdown_grace)
     await server.shutdown(config.shutdown_grace)
+    await supervisor.stop()
     await delivery.stop()
     spool.close()
     users.close()
+    remove_pid_file(config)
     log.info("stopped")
     return 0
 

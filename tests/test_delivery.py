@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import signal
 import sys
 import textwrap
 import threading
@@ -452,3 +453,112 @@ async def test_many_messages_with_concurrency(harness: Harness) -> None:
         agent.submit(queue_id)  # a duplicate submit is harmless
     await eventually(lambda: harness.spool.list_ids() == [], within=20)
     assert len(harness.mailbox("bob@example.org")) == 100
+
+
+# -- the hold queue and scan_now -------------------------------------------------------
+
+
+async def hold(harness: Harness, rcpts: list[str]) -> str:
+    envelope = SpoolEnvelope(new_queue_id(), "alice@example.org", rcpts)
+    await harness.spool.hold(envelope, MESSAGE, "spam score 12.5")
+    return envelope.queue_id
+
+
+async def test_held_messages_are_never_delivered(harness: Harness) -> None:
+    held = await hold(harness, ["carol@example.org"])  # there before start(): recovery
+    agent = harness.agent(scan_interval=0.02)
+    await agent.start()
+    agent.submit(held)  # even a submit of a held id finds nothing to deliver
+    agent.scan_now()
+    active = await harness.store(["bob@example.org"])
+    agent.submit(active)
+    await eventually(lambda: harness.spool.list_ids() == [held])
+    await asyncio.sleep(0.15)  # several periodic scans
+    assert harness.spool.list_ids("hold") == [held]
+    assert harness.mailbox("carol@example.org") == []
+    assert harness.maildir.calls == ["bob@example.org"]
+    assert harness.spool.load(held)[0].attempts == 0
+
+
+async def test_released_mail_is_delivered_after_scan_now(harness: Harness) -> None:
+    queue_id = await hold(harness, ["carol@example.org"])
+    agent = harness.agent(scan_interval=0)  # no periodic scan: only scan_now finds it
+    await agent.start()
+    operator = Spool(harness.tmp_path / "spool", recover=False)  # as `mailgate queue` does
+    await operator.release(queue_id)
+    operator.close()
+    await asyncio.sleep(0.1)
+    assert harness.spool.list_ids("incoming") == [queue_id]  # nobody told the agent yet
+
+    agent.scan_now()
+    await eventually(lambda: harness.spool.list_ids() == [])
+    (copy,) = harness.mailbox("carol@example.org")
+    assert copy.endswith(b"\nhello\n")
+
+
+async def test_scan_now_from_a_signal_handler_and_from_another_thread(
+    harness: Harness,
+) -> None:
+    agent = harness.agent(scan_interval=0)
+    await agent.start()
+    loop = asyncio.get_running_loop()
+    loop.add_signal_handler(signal.SIGUSR1, agent.scan_now)  # what `mailgate serve` does
+    try:
+        await harness.store(["bob@example.org"])
+        os.kill(os.getpid(), signal.SIGUSR1)
+        await eventually(lambda: harness.spool.list_ids() == [])
+    finally:
+        loop.remove_signal_handler(signal.SIGUSR1)
+
+    await harness.store(["bob@example.org"])
+    thread = threading.Thread(target=agent.scan_now)
+    thread.start()
+    thread.join()
+    await eventually(lambda: harness.spool.list_ids() == [])
+    assert len(harness.mailbox("bob@example.org")) == 2
+
+
+async def test_scan_now_during_a_scan_scans_again(
+    harness: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    agent = harness.agent(scan_interval=0)
+    await agent.start()
+    listed = threading.Event()
+    go_on = threading.Event()
+    scans: list[list[str]] = []
+    real_list_ids = harness.spool.list_ids
+
+    def slow_list_ids(queue: object = None) -> list[str]:
+        ids = real_list_ids(queue)  # type: ignore[arg-type]
+        scans.append(ids)
+        listed.set()
+        go_on.wait(5)
+        return ids
+
+    monkeypatch.setattr(harness.spool, "list_ids", slow_list_ids)
+    first = await harness.store(["bob@example.org"])
+    agent.scan_now()
+    await asyncio.to_thread(listed.wait, 5)
+    # Arrives after the running scan listed incoming/: only a second scan can find it.
+    second = await harness.store(["carol@example.org"])
+    for _ in range(20):
+        agent.scan_now()  # coalesced into that one further scan
+    await asyncio.sleep(0.05)
+    go_on.set()
+    await eventually(lambda: real_list_ids() == [])
+    assert scans[0] == [first] and second in scans[1]
+    assert len(scans) == 2
+    assert len(harness.mailbox("carol@example.org")) == 1
+
+
+async def test_scan_now_outside_start_and_stop_is_ignored(harness: Harness) -> None:
+    agent = harness.agent(scan_interval=0)
+    agent.scan_now()  # never started: nothing to hand the work to
+    await harness.store(["bob@example.org"])
+    await agent.start()
+    await eventually(lambda: harness.spool.list_ids() == [])
+    await agent.stop()
+    queue_id = await harness.store(["bob@example.org"])
+    agent.scan_now()
+    await asyncio.sleep(0.1)
+    assert harness.spool.list_ids() == [queue_id]

@@ -1,5 +1,10 @@
 """``mailgate queue``: look into the spool and remove messages, like Postfix's mailq/postsuper.
 
+``list`` shows the active queue (incoming/ and deferred/); ``show`` and ``delete`` take a
+message from any queue. ``quarantine list|show|release|delete`` work on the hold queue:
+a released message moves to incoming/, and a running ``mailgate serve`` (found through
+the pid file in the data directory) gets SIGUSR1 so that it delivers it at once.
+
 These commands open the spool without recovery (``recover=False``), so running them next
 to a live server never disturbs a message being written.
 """
@@ -8,22 +13,41 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
+import signal
 import sys
 import time
+from collections.abc import Awaitable, Callable
 from datetime import datetime
+from pathlib import Path
 
+from mailgate.core.config import Config
 from mailgate.core.config_cli import add_config_option, config_from_args
 from mailgate.core.errors import SpoolError
 from mailgate.core.spool.delivery import RELAY_NOT_CONFIGURED
 from mailgate.core.spool.envelope import SpoolEnvelope
-from mailgate.core.spool.spool import Spool, SpoolEntry
+from mailgate.core.spool.spool import ACTIVE_QUEUES, Spool, SpoolEntry
 
 # Recipients line up under the sender: id, size and arrival columns plus their gaps.
 _INDENT = " " * (17 + 1 + 8 + 1 + 20 + 2)
+# The quarantine listing has one more column, the time the message was held.
+_HELD_INDENT = " " * (17 + 1 + 8 + 1 + 20 + 1 + 20 + 2)
+# Where `mailgate serve` writes its process id (see mailgate.core.supervisor).
+PID_FILE_NAME = "mailgate.pid"
 
 
 def _open_spool(args: argparse.Namespace) -> Spool:
     return Spool(config_from_args(args).spool_dir, recover=False)
+
+
+def _short_time(stamp: float) -> str:
+    return time.strftime("%a %b %d %H:%M:%S", time.localtime(stamp))
+
+
+def _printable(text: str) -> str:
+    # Reasons come from milters and rule files: keep a stray newline or escape sequence
+    # from breaking the listing or the operator's terminal.
+    return "".join(ch if ch.isprintable() else f"\\x{ord(ch):02x}" for ch in text)
 
 
 def _sender(envelope: SpoolEnvelope) -> str:
@@ -47,9 +71,11 @@ def recipient_status(envelope: SpoolEnvelope, rcpt: str) -> str:
 
 def _list(args: argparse.Namespace) -> int:
     spool = _open_spool(args)
-    ids = spool.list_ids()
+    ids = spool.list_ids(ACTIVE_QUEUES)
+    held = len(spool.list_ids("hold"))
     if not ids:
         print("Mail queue is empty")
+        _print_held_note(held)
         return 0
     print(f"{'-Queue ID-':<17} {'--Size--':>8} {'----Arrival Time----':<20}  -Sender/Recipient-")
     total = 0
@@ -61,7 +87,7 @@ def _list(args: argparse.Namespace) -> int:
             print(f"{queue_id:<17} {'?':>8} {'(unreadable)':<20}  {exc}")
             continue
         envelope = entry.envelope
-        arrival = time.strftime("%a %b %d %H:%M:%S", time.localtime(envelope.received_at))
+        arrival = _short_time(envelope.received_at)
         print(f"{queue_id:<17} {entry.size:>8} {arrival:<20}  {_sender(envelope)}")
         for rcpt in dict.fromkeys(envelope.rcpt_tos):
             print(f"{_INDENT}{rcpt}  ({recipient_status(envelope, rcpt)})")
@@ -70,23 +96,39 @@ def _list(args: argparse.Namespace) -> int:
         shown += 1
     kbytes = (total + 1023) // 1024
     print(f"-- {kbytes} Kbytes in {shown} Request{'s' if shown != 1 else ''}.")
+    _print_held_note(held)
     return 0
 
 
-def _show(args: argparse.Namespace) -> int:
+def _print_held_note(held: int) -> None:
+    if held:
+        print(
+            f"({held} message{'s' if held != 1 else ''} on hold: "
+            "see `mailgate queue quarantine list`)"
+        )
+
+
+def _show(args: argparse.Namespace, *, held_only: bool = False) -> int:
     spool = _open_spool(args)
+    entry = spool.info(args.queue_id)
+    if held_only:
+        _require_held(entry)
     if args.body:
         _, content = spool.load(args.queue_id)
         sys.stdout.flush()
         sys.stdout.buffer.write(content)
         sys.stdout.buffer.flush()
         return 0
-    entry = spool.info(args.queue_id)
     _, content = spool.load(args.queue_id)
     print(_describe(entry))
     print()
     print(_headers(content))
     return 0
+
+
+def _require_held(entry: SpoolEntry) -> None:
+    if entry.queue != "hold":
+        raise SpoolError(f"{entry.queue_id}: not on hold (it is in {entry.queue}/)")
 
 
 def _when(stamp: float) -> str:
@@ -108,6 +150,12 @@ def _describe(entry: SpoolEntry) -> str:
         f"mail options: {' '.join(env.mail_options) or '-'}",
         f"attempts:     {env.attempts}",
     ]
+    if env.held_at is not None:
+        lines.append(f"held:         {_when(env.held_at)}")
+    if env.quarantine_reason is not None:
+        lines.append(f"reason:       {_printable(env.quarantine_reason)}")
+    if env.released_at is not None:
+        lines.append(f"released:     {_when(env.released_at)}")
     if env.next_attempt:
         lines.append(f"next attempt: {_when(env.next_attempt)}")
     lines.append("recipients:")
@@ -132,26 +180,151 @@ def _headers(content: bytes) -> str:
     return block.replace("\r\n", "\n")
 
 
-def _delete(args: argparse.Namespace) -> int:
-    spool = _open_spool(args)
-    failed = 0
+def _for_each(
+    spool: Spool, queue_ids: list[str], action: Callable[[str], Awaitable[str]]
+) -> tuple[int, int]:
+    """Run ``action`` on every id, printing its result or error: (done, failed)."""
+    done = failed = 0
 
-    async def remove_all() -> None:
-        nonlocal failed
-        for queue_id in args.queue_ids:
+    async def run_all() -> None:
+        nonlocal done, failed
+        for queue_id in queue_ids:
             try:
-                await spool.remove(queue_id)
+                result = await action(queue_id)
             except SpoolError as exc:
                 print(f"mailgate: {exc}", file=sys.stderr)
                 failed += 1
             else:
-                print(f"{queue_id}: removed")
+                print(f"{queue_id}: {result}")
+                done += 1
 
     try:
-        asyncio.run(remove_all())
+        asyncio.run(run_all())
     finally:
         spool.close()
+    return done, failed
+
+
+def _delete(args: argparse.Namespace, *, held_only: bool = False) -> int:
+    spool = _open_spool(args)
+
+    async def delete(queue_id: str) -> str:
+        if held_only:
+            # Located without parsing: a damaged file must be deletable as well.
+            queue = spool.queue_of(queue_id)
+            if queue != "hold":
+                raise SpoolError(f"{queue_id}: not on hold (it is in {queue}/)")
+        await spool.remove(queue_id)
+        return "removed"
+
+    _, failed = _for_each(spool, args.queue_ids, delete)
     return 1 if failed else 0
+
+
+# -- the hold queue ----------------------------------------------------------------------
+
+
+def _quarantine_list(args: argparse.Namespace) -> int:
+    spool = _open_spool(args)
+    ids = spool.list_ids("hold")
+    if not ids:
+        print("Quarantine is empty")
+        return 0
+    print(
+        f"{'-Queue ID-':<17} {'--Size--':>8} {'----Arrival Time----':<20} "
+        f"{'-----Held Time------':<20}  -Sender/Recipient/Reason-"
+    )
+    total = 0
+    shown = 0
+    for queue_id in ids:
+        try:
+            entry = spool.info(queue_id)
+        except SpoolError as exc:
+            print(f"{queue_id:<17} {'?':>8} {'(unreadable)':<20} {'':<20}  {exc}")
+            continue
+        if entry.queue != "hold":
+            continue  # released since the listing was taken
+        envelope = entry.envelope
+        arrival = _short_time(envelope.received_at)
+        held = _short_time(envelope.held_at) if envelope.held_at is not None else "?"
+        print(f"{queue_id:<17} {entry.size:>8} {arrival:<20} {held:<20}  {_sender(envelope)}")
+        for rcpt in dict.fromkeys(envelope.rcpt_tos):
+            print(f"{_HELD_INDENT}{rcpt}")
+        print(f"{_HELD_INDENT}reason: {_printable(envelope.quarantine_reason or '(none given)')}")
+        print()
+        total += entry.size
+        shown += 1
+    kbytes = (total + 1023) // 1024
+    print(f"-- {kbytes} Kbytes in {shown} held Request{'s' if shown != 1 else ''}.")
+    return 0
+
+
+def _quarantine_show(args: argparse.Namespace) -> int:
+    return _show(args, held_only=True)
+
+
+def _quarantine_delete(args: argparse.Namespace) -> int:
+    return _delete(args, held_only=True)
+
+
+def _quarantine_release(args: argparse.Namespace) -> int:
+    config = config_from_args(args)
+    spool = Spool(config.spool_dir, recover=False)
+
+    async def release(queue_id: str) -> str:
+        await spool.release(queue_id)
+        return "released to incoming/"
+
+    released, failed = _for_each(spool, args.queue_ids, release)
+    if released:
+        print(notify_server(config))
+    return 1 if failed else 0
+
+
+def notify_server(config: Config) -> str:
+    """Send SIGUSR1 to a running `mailgate serve`, so it delivers from incoming/ now.
+
+    Returns what happened, in words for the operator. The pid file can be stale and its
+    pid reused by an unrelated process, for which SIGUSR1 would be fatal; so where /proc
+    shows command lines, only a process whose command line names mailgate is signalled.
+    """
+    path = config.data_dir / PID_FILE_NAME
+    later = "the message is delivered when `mailgate serve` starts"
+    try:
+        text = path.read_text(encoding="ascii").strip()
+    except FileNotFoundError:
+        return f"no running server ({path} does not exist): {later}"
+    except (OSError, UnicodeDecodeError) as exc:
+        return f"cannot read {path} ({exc}): {later}"
+    # Zero and negative pids address process groups, never a single server.
+    if not text.isdigit() or int(text) <= 0:
+        return f"{path} holds no process id ({text[:20]!r}): {later}"
+    pid = int(text)
+    if not _is_mailgate(pid):
+        return f"no running server (stale {path}, pid {pid}): {later}"
+    try:
+        os.kill(pid, signal.SIGUSR1)
+    except ProcessLookupError:
+        return f"no running server (stale {path}, pid {pid}): {later}"
+    except OSError as exc:
+        return (
+            f"cannot notify the server (pid {pid}): {exc.strerror or exc}; "
+            "it delivers the message at its next queue scan"
+        )
+    return f"notified the running server (pid {pid}): delivery starts now"
+
+
+def _is_mailgate(pid: int) -> bool:
+    proc = Path("/proc")
+    if not (proc / "self" / "cmdline").exists():
+        return True  # no procfs to ask; os.kill tells whether the process exists
+    try:
+        cmdline = (proc / str(pid) / "cmdline").read_bytes()
+    except FileNotFoundError:
+        return False
+    except OSError:
+        return True  # hidden from us (hidepid=): trust the pid file, as without /proc
+    return b"mailgate" in cmdline
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -171,7 +344,40 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     add_config_option(show)
     show.set_defaults(handler=_show)
 
-    delete = queue_sub.add_parser("delete", help="remove messages from the queue for good")
+    delete = queue_sub.add_parser(
+        "delete", help="remove messages from the spool for good, from any queue"
+    )
     delete.add_argument("queue_ids", metavar="ID", nargs="+")
     add_config_option(delete)
     delete.set_defaults(handler=_delete)
+
+    quarantine = queue_sub.add_parser(
+        "quarantine", help="the hold queue: list, show, release or delete held messages"
+    )
+    hold_sub = quarantine.add_subparsers(dest="quarantine_command", metavar="ACTION")
+    hold_sub.required = True
+
+    hold_list = hold_sub.add_parser(
+        "list", help="held messages with arrival and hold times, recipients and reason"
+    )
+    add_config_option(hold_list)
+    hold_list.set_defaults(handler=_quarantine_list)
+
+    hold_show = hold_sub.add_parser("show", help="one held message's envelope and headers")
+    hold_show.add_argument("queue_id", metavar="ID")
+    hold_show.add_argument("--body", action="store_true", help="print the whole message instead")
+    add_config_option(hold_show)
+    hold_show.set_defaults(handler=_quarantine_show)
+
+    release = hold_sub.add_parser(
+        "release",
+        help="move held messages to incoming/ and tell a running server to deliver them now",
+    )
+    release.add_argument("queue_ids", metavar="ID", nargs="+")
+    add_config_option(release)
+    release.set_defaults(handler=_quarantine_release)
+
+    hold_delete = hold_sub.add_parser("delete", help="remove held messages for good")
+    hold_delete.add_argument("queue_ids", metavar="ID", nargs="+")
+    add_config_option(hold_delete)
+    hold_delete.set_defaults(handler=_quarantine_delete)

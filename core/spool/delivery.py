@@ -10,6 +10,10 @@ What this agent cannot do waits in ``deferred/`` and is never dropped: remote ta
 the outbound relay. Temporary failures (a full disk, a busy user store) are retried with
 exponential backoff; permanent ones are recorded as bounces.
 
+Messages on hold (the spool's ``hold/``) are never touched: neither scan looks there, and a
+held queue id that is submitted anyway is found nowhere. A released message is in
+``incoming/`` and is picked up by the next scan, at once after ``scan_now``.
+
 Log lines follow Postfix and always start with the queue id::
 
     0PQ3V7K2M1ZX4B8C: to=<bob@example.org>, status=sent (delivered to maildir)
@@ -21,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
 from collections.abc import Callable
@@ -100,6 +105,9 @@ class DeliveryAgent:
         self._timers: dict[str, asyncio.TimerHandle] = {}
         self._workers: list[asyncio.Task[None]] = []
         self._scanner: asyncio.Task[None] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._scan_task: asyncio.Task[None] | None = None
+        self._scan_again = False
         self._running = False
         self._stopping = False
 
@@ -111,6 +119,7 @@ class DeliveryAgent:
             return
         self._running = True
         self._stopping = False
+        self._loop = asyncio.get_running_loop()
         self._workers = [
             asyncio.create_task(self._worker(), name=f"mailgate-delivery-{n}")
             for n in range(self._concurrency)
@@ -129,6 +138,12 @@ class DeliveryAgent:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._scanner
             self._scanner = None
+        if self._scan_task is not None:
+            self._scan_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._scan_task
+            self._scan_task = None
+        self._scan_again = False
         for timer in self._timers.values():
             timer.cancel()
         self._timers.clear()
@@ -157,6 +172,46 @@ class DeliveryAgent:
             return
         self._queued.add(queue_id)
         self._queue.put_nowait(queue_id)
+
+    def scan_now(self) -> None:
+        """Take up everything in incoming/ now instead of at the next periodic scan.
+
+        For messages that reached incoming/ without a submit, above all those released
+        from hold/ by another process (``mailgate queue quarantine release`` signals the
+        server, which calls this). Never blocks, and may be called from any thread or from
+        a signal handler: the work is handed to the agent's event loop. Calls while a scan
+        runs cause one more scan after it, since the running one may have listed the
+        directory before the caller's message arrived. Ignored unless the agent runs.
+        """
+        loop = self._loop
+        if loop is None or loop.is_closed():
+            return
+        with contextlib.suppress(RuntimeError):  # the loop closed after the check
+            loop.call_soon_threadsafe(self._begin_scan)
+
+    def _begin_scan(self) -> None:
+        if not self._running or self._stopping:
+            return
+        if self._scan_task is not None and not self._scan_task.done():
+            self._scan_again = True
+            return
+        self._scan_task = asyncio.create_task(self._scan_now(), name="mailgate-delivery-scan-now")
+
+    async def _scan_now(self) -> None:
+        while True:
+            self._scan_again = False
+            await self._scan_incoming()
+            if not self._scan_again:
+                return
+
+    async def _scan_incoming(self) -> None:
+        try:
+            ids = await asyncio.to_thread(self._spool.list_ids, "incoming")
+        except SpoolError as exc:
+            log.warning("delivery: cannot scan the spool: %s", exc)
+            return
+        for queue_id in ids:
+            self.submit(queue_id)
 
     def _schedule(self, queue_id: str, delay: float) -> None:
         if self._stopping:
@@ -215,13 +270,7 @@ class DeliveryAgent:
         # the rename, or a message whose last attempt could not even be deferred.
         while True:
             await asyncio.sleep(self._scan_interval)
-            try:
-                ids = await asyncio.to_thread(self._spool.list_ids, "incoming")
-            except SpoolError as exc:
-                log.warning("delivery: cannot scan the spool: %s", exc)
-                continue
-            for queue_id in ids:
-                self.submit(queue_id)
+            await self._scan_incoming()
 
     async def _worker(self) -> None:
         while True:
@@ -257,9 +306,12 @@ class DeliveryAgent:
 
     async def _process(self, queue_id: str) -> None:
         try:
-            envelope, content = await asyncio.to_thread(self._spool.load, queue_id)
+            envelope, content = await asyncio.to_thread(
+                functools.partial(self._spool.load, queue_id, include_held=False)
+            )
         except NoSuchMessage:
-            # Already delivered (a scan and a submit can race) or deleted by the operator.
+            # Already delivered (a scan and a submit can race), deleted by the operator, or
+            # on hold, which is never delivered from.
             log.debug("%s: no longer in the spool", queue_id)
             return
         except CorruptSpoolFile as exc:

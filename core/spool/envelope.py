@@ -1,12 +1,18 @@
 """The envelope of a spooled message: what the SMTP session learned, plus delivery progress.
 
 The first group of fields is fixed when the message is accepted. The second group records
-delivery progress so that a restart resumes where the last attempt stopped instead of
-delivering twice: which recipients are finished (and how), which final mailboxes already
-hold a copy, which remote targets and bounces wait for the outbound relay.
+the quarantine history: why and when the message was put on hold and when the operator
+released it. Whether a message *is* on hold is decided by the spool directory it sits in,
+not by these fields; they stay after the release as the record of what happened. The
+third group records delivery progress so that a restart resumes where the last attempt
+stopped instead of delivering twice: which recipients are finished (and how), which final
+mailboxes already hold a copy, which remote targets and bounces wait for the outbound relay.
 
 The JSON form is versioned and checked field by field on reading: a spool file written by
 something else, or damaged, is refused with a SpoolError rather than half-understood.
+Quarantine fields that are unset are left out of the JSON, so the files of messages that
+were never held stay readable by versions that predate the hold queue; files written
+before the hold queue existed load with the fields unset.
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ RecipientState = Literal["sent", "relay", "bounced"]
 FORMAT_VERSION = 1
 _BODY_TYPES: frozenset[str] = frozenset(get_args(BodyType))
 _RECIPIENT_STATES: frozenset[str] = frozenset(get_args(RecipientState))
+_OMIT_IF_UNSET = ("quarantine_reason", "held_at", "released_at")
 
 
 @dataclass
@@ -48,6 +55,11 @@ class SpoolEnvelope:
     rcpt_options: list[list[str]] = field(default_factory=list)
     body_type: BodyType = "7BIT"
     smtputf8: bool = False
+
+    # Quarantine history (see the module docstring).
+    quarantine_reason: str | None = None
+    held_at: float | None = None
+    released_at: float | None = None
 
     # Delivery progress.
     attempts: int = 0
@@ -72,6 +84,9 @@ class SpoolEnvelope:
 
     def to_json(self) -> str:
         data = asdict(self)
+        for name in _OMIT_IF_UNSET:
+            if data[name] is None:
+                del data[name]
         data["v"] = FORMAT_VERSION
         # ASCII output keeps lone surrogates (undecodable bytes smuggled in as str) intact.
         return json.dumps(data, ensure_ascii=True, separators=(",", ":"))
@@ -100,6 +115,9 @@ class SpoolEnvelope:
                 raise SpoolError(f"envelope field {name!r} is missing")
         data["received_at"] = float(data.get("received_at", 0.0))
         data["next_attempt"] = float(data.get("next_attempt", 0.0))
+        for name in ("held_at", "released_at"):
+            if data.get(name) is not None:
+                data[name] = float(data[name])
         return cls(**data)
 
 
@@ -109,6 +127,10 @@ def _is_str(value: Any) -> bool:
 
 def _is_number(value: Any) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _is_optional_number(value: Any) -> bool:
+    return value is None or _is_number(value)
 
 
 def _is_str_list(value: Any) -> bool:
@@ -132,6 +154,9 @@ _CHECKS: dict[str, Callable[[Any], bool]] = {
     "rcpt_options": lambda v: isinstance(v, list) and all(_is_str_list(item) for item in v),
     "body_type": lambda v: isinstance(v, str) and v in _BODY_TYPES,
     "smtputf8": lambda v: isinstance(v, bool),
+    "quarantine_reason": lambda v: v is None or isinstance(v, str),
+    "held_at": _is_optional_number,
+    "released_at": _is_optional_number,
     "attempts": lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0,
     "next_attempt": _is_number,
     "done": lambda v: _is_str_dict(v) and all(s in _RECIPIENT_STATES for s in v.values()),

@@ -6,6 +6,8 @@ Layout under the spool root (every directory mode 0700, every file 0600)::
     incoming/   accepted messages that local delivery has not finished
     deferred/   messages with work left: a retry after a temporary failure, or remote
                 targets and bounces waiting for the outbound relay
+    hold/       quarantined messages (Postfix's hold queue): accepted and kept, never
+                delivered, until the operator releases them to incoming/ or deletes them
     corrupt/    files that could not be parsed, kept for the operator instead of retried
 
 One file per message, named by its queue id, holds everything, so accepting a message is
@@ -15,13 +17,19 @@ one atomic rename::
     <envelope JSON>\\n
     <message bytes, exactly as received>
 
-``store`` returns only when the file's data is fsync'd and the directory holding its new
-name is fsync'd too: the SMTP server answers 250 after that, and a crash at any later
-moment cannot lose the message. Directory fsyncs are shared by group commit: every rename
-finished before a directory fsync starts is covered by it, so many concurrent sessions
-pay for one directory fsync per batch instead of one each. The file's own fsync stays
-per file. Progress updates write a new file and rename it over the old one, so a crash
-leaves either the old or the new version, never a mix.
+``store`` (into incoming/) and ``hold`` (into hold/) return only when the file's data is
+fsync'd and the directory holding its new name is fsync'd too: the SMTP server answers 250
+after that, and a crash at any later moment cannot lose the message. Directory fsyncs are
+shared by group commit: every rename finished before a directory fsync starts is covered
+by it, so many concurrent sessions pay for one directory fsync per batch instead of one
+each. The file's own fsync stays per file. Progress updates write a new file and rename it
+over the old one, so a crash leaves either the old or the new version, never a mix.
+
+Moves between queues are two steps: the new copy is made durable in the target directory
+first, and only then is the old one unlinked. A crash in between leaves both copies, and
+opening the spool with recovery keeps the one further along (deferred/ over incoming/,
+incoming/ or deferred/ over hold/). Readers apply the same rule, so a message is never
+seen twice, never lost, and never delivered from hold/ once it has been released.
 """
 
 from __future__ import annotations
@@ -33,9 +41,10 @@ import itertools
 import logging
 import os
 import threading
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import BinaryIO, Literal, TypeVar, TypeVarTuple, Unpack
 
@@ -45,10 +54,16 @@ from mailgate.core.spool.queue_id import is_valid_queue_id
 
 log = logging.getLogger("mailgate.spool")
 
-QueueName = Literal["incoming", "deferred"]
-# Deferred first: after a crash between the two steps of defer() both copies exist, and
-# the deferred one is the newer.
-QUEUES: tuple[QueueName, ...] = ("deferred", "incoming")
+QueueName = Literal["incoming", "deferred", "hold"]
+# The queues delivery works on; hold/ is never among them.
+ACTIVE_QUEUES: tuple[QueueName, ...] = ("deferred", "incoming")
+# The order in which a message is looked up: after a crash between the two steps of a move
+# both copies exist, and the first one found is the newer (defer: deferred over incoming;
+# release: either active queue over hold).
+QUEUES: tuple[QueueName, ...] = (*ACTIVE_QUEUES, "hold")
+# The order in which directories are listed: the direction messages move in, so that a
+# message moving while a listing runs is seen in the later directory if not the earlier.
+_LISTING_ORDER: tuple[QueueName, ...] = ("hold", "incoming", "deferred")
 
 MAGIC = b"MGSPOOL1"
 _MAX_HEADER_LINE = 64
@@ -234,14 +249,20 @@ class Spool:
         self.tmp_dir = self.root / "tmp"
         self.incoming_dir = self.root / "incoming"
         self.deferred_dir = self.root / "deferred"
+        self.hold_dir = self.root / "hold"
         self.corrupt_dir = self.root / "corrupt"
+        self._dirs: dict[QueueName, Path] = {
+            "incoming": self.incoming_dir,
+            "deferred": self.deferred_dir,
+            "hold": self.hold_dir,
+        }
         self._io_threads = io_threads
         self._executor: ThreadPoolExecutor | None = None
         self._executor_lock = threading.Lock()
         self._tmp_seq = itertools.count()
         self._syncs = {
             path: _GroupSync(path, self._fsync_dir_async)
-            for path in (self.incoming_dir, self.deferred_dir, self.corrupt_dir)
+            for path in (self.incoming_dir, self.deferred_dir, self.hold_dir, self.corrupt_dir)
         }
         if recover:
             self._recover()
@@ -261,6 +282,7 @@ class Spool:
             self.tmp_dir,
             self.incoming_dir,
             self.deferred_dir,
+            self.hold_dir,
             self.corrupt_dir,
         ):
             self._make_dir(path)
@@ -277,12 +299,23 @@ class Spool:
             log.info("spool: removed %d unfinished file(s) from %s", removed, self.tmp_dir)
         # A crash inside defer() can leave the message in both queues; the deferred copy
         # holds the newer progress, and delivering from the older one would repeat work.
-        both = set(os.listdir(self.incoming_dir)) & set(os.listdir(self.deferred_dir))
+        held = set(os.listdir(self.hold_dir))
+        incoming = set(os.listdir(self.incoming_dir))
+        deferred = set(os.listdir(self.deferred_dir))
+        both = incoming & deferred
         for name in sorted(both):
             os.unlink(self.incoming_dir / name)
             log.info("%s: removed stale copy from incoming/ (moved to deferred/)", name)
         if both:
             _fsync_dir(self.incoming_dir)
+        # Likewise a crash inside release(): once the active copy exists, delivery may have
+        # begun from it, so the held copy must go or a second release would deliver twice.
+        released = held & (incoming | deferred)
+        for name in sorted(released):
+            os.unlink(self.hold_dir / name)
+            log.info("%s: removed stale copy from hold/ (released)", name)
+        if released:
+            _fsync_dir(self.hold_dir)
 
     def _make_dir(self, path: Path) -> None:
         try:
@@ -308,7 +341,7 @@ class Spool:
         await self._run(_fsync_dir, path)
 
     def _queue_dir(self, queue: QueueName) -> Path:
-        return self.incoming_dir if queue == "incoming" else self.deferred_dir
+        return self._dirs[queue]
 
     def _tmp_path(self, queue_id: str) -> Path:
         return self.tmp_dir / f"{queue_id}.{os.getpid()}.{next(self._tmp_seq)}"
@@ -319,12 +352,29 @@ class Spool:
         """Accept a message: when this returns it is on disk and survives any crash."""
         queue_id = _checked_id(envelope.queue_id)
         header = _encode_header(envelope, memoryview(content).nbytes)
-        await self._run(self._write_new, queue_id, header, content)
+        await self._run(self._write_new, queue_id, header, content, self.incoming_dir)
         await self._syncs[self.incoming_dir].sync()
 
-    def _write_new(self, queue_id: str, header: bytes, content: bytes | memoryview) -> None:
+    async def hold(self, envelope: SpoolEnvelope, content: bytes | memoryview, reason: str) -> None:
+        """Accept a message into hold/ (quarantine), with the same guarantee as ``store``.
+
+        Sets ``envelope.quarantine_reason`` and ``envelope.held_at`` (now) before writing,
+        so the caller's envelope matches the file. Delivery never takes a message from
+        hold/; ``release`` hands it over, ``remove`` deletes it.
+        """
+        queue_id = _checked_id(envelope.queue_id)
+        envelope.quarantine_reason = reason
+        envelope.held_at = time.time()
+        envelope.released_at = None
+        header = _encode_header(envelope, memoryview(content).nbytes)
+        await self._run(self._write_new, queue_id, header, content, self.hold_dir)
+        await self._syncs[self.hold_dir].sync()
+
+    def _write_new(
+        self, queue_id: str, header: bytes, content: bytes | memoryview, directory: Path
+    ) -> None:
         tmp = self._tmp_path(queue_id)
-        final = self.incoming_dir / queue_id
+        final = directory / queue_id
         try:
             fd = os.open(tmp, _WRITE_FLAGS, _FILE_MODE)
         except OSError as exc:
@@ -343,11 +393,16 @@ class Spool:
             _unlink_quietly(tmp)
             raise
 
-    def _link_new(self, tmp: Path, final: Path) -> None:
+    def _link_new(self, tmp: Path, final: Path, *, allowed: Path | None = None) -> None:
+        """Give ``tmp`` the name ``final`` unless the queue id is in use in any queue.
+
+        ``allowed`` is the one directory where the id may exist: the source of a move.
+        """
         # link() fails if the name exists, where rename() would silently replace an
         # accepted message; ids are unique, so this only guards against a bug.
-        if (self.deferred_dir / final.name).exists():
-            raise SpoolError(f"{final.name}: queue id already in use in deferred/")
+        for directory in self._dirs.values():
+            if directory not in (final.parent, allowed) and (directory / final.name).exists():
+                raise SpoolError(f"{final.name}: queue id already in use in {directory.name}/")
         try:
             os.link(tmp, final)
         except FileExistsError:
@@ -365,14 +420,22 @@ class Spool:
         """Durably replace the envelope of a spooled message, in the queue it is in."""
         queue_id = self._matching_id(queue_id, envelope)
         queue, path = self._locate(queue_id)
-        await self._run(self._rewrite, path, self._queue_dir(queue), queue_id, envelope)
+        await self._run(
+            self._rewrite, path, self._queue_dir(queue), queue_id, lambda _: envelope, os.replace
+        )
         await self._syncs[self._queue_dir(queue)].sync()
 
     async def defer(self, queue_id: str, envelope: SpoolEnvelope) -> None:
-        """Move a message to deferred/ with a new envelope (in place if already there)."""
+        """Move a message to deferred/ with a new envelope (in place if already there).
+
+        Only for messages in incoming/ or deferred/: a held message is NoSuchMessage here,
+        so that nothing on the delivery path can take a message out of hold/.
+        """
         queue_id = self._matching_id(queue_id, envelope)
-        queue, path = self._locate(queue_id)
-        await self._run(self._rewrite, path, self.deferred_dir, queue_id, envelope)
+        queue, path = self._locate(queue_id, ACTIVE_QUEUES)
+        await self._run(
+            self._rewrite, path, self.deferred_dir, queue_id, lambda _: envelope, os.replace
+        )
         await self._syncs[self.deferred_dir].sync()
         if queue == "incoming":
             # Only after the deferred copy is durable may the incoming one go.
@@ -384,7 +447,64 @@ class Spool:
             raise SpoolError(f"{queue_id}: envelope names queue id {envelope.queue_id!r}")
         return _checked_id(queue_id)
 
-    def _rewrite(self, src: Path, dst_dir: Path, queue_id: str, envelope: SpoolEnvelope) -> None:
+    async def release(self, queue_id: str) -> None:
+        """Move a held message to incoming/ for delivery: durable, and exactly once.
+
+        The new copy in incoming/ carries the quarantine history plus ``released_at``; it is
+        made durable (file and directory fsync) before the held copy is unlinked, so a crash
+        leaves the message in hold/, in both queues, or in incoming/ alone; recovery, and
+        every reader meanwhile, treat "both" as released. A release repeated after such a
+        crash only finishes the cleanup. Delivery does not start by itself: submit the id
+        or call ``DeliveryAgent.scan_now``.
+        """
+        queue_id = _checked_id(queue_id)
+        await self._run(self._release_copy, queue_id, time.time())
+        await self._syncs[self.incoming_dir].sync()
+        # The release is done and durable; what follows only tidies up. A failure here is
+        # no reason to report the release as failed: readers ignore the leftover and the
+        # next recovery removes it.
+        try:
+            await self._run(os.unlink, self.hold_dir / queue_id)
+        except FileNotFoundError:
+            pass  # delivered and removed meanwhile, or another release got there first
+        except OSError as exc:
+            log.warning(
+                "%s: released, but the copy in hold/ stays until restart: %s", queue_id, exc
+            )
+            return
+        try:
+            await self._syncs[self.hold_dir].sync()
+        except SpoolError as exc:
+            log.warning("%s: released; %s", queue_id, exc)
+
+    def _release_copy(self, queue_id: str, released_at: float) -> None:
+        held = self.hold_dir / queue_id
+        for queue in ACTIVE_QUEUES:
+            if (self._queue_dir(queue) / queue_id).exists():
+                if held.exists():
+                    return  # an interrupted release passed its commit point; only cleanup is left
+                raise SpoolError(f"{queue_id}: not on hold (it is in {queue}/)")
+        self._rewrite(
+            held,
+            self.incoming_dir,
+            queue_id,
+            lambda old: replace(old, released_at=released_at),
+            lambda tmp, final: self._link_new(tmp, final, allowed=self.hold_dir),
+        )
+
+    def _rewrite(
+        self,
+        src: Path,
+        dst_dir: Path,
+        queue_id: str,
+        new_envelope: Callable[[SpoolEnvelope], SpoolEnvelope],
+        install: Callable[[Path, Path], None],
+    ) -> None:
+        """Write ``src`` with ``new_envelope(old envelope)`` to tmp/, then ``install`` it.
+
+        ``install(tmp, final)`` gives the copy its name in ``dst_dir``: os.replace for an
+        update in place, a no-overwrite link for a move into a queue.
+        """
         try:
             f = open(src, "rb")  # noqa: SIM115 (closed below)
         except FileNotFoundError:
@@ -394,7 +514,8 @@ class Spool:
         tmp = self._tmp_path(queue_id)
         with f:
             try:
-                _, offset, size = _read_header(f, src, queue_id)
+                old, offset, size = _read_header(f, src, queue_id)
+                envelope = new_envelope(old)
                 fd = os.open(tmp, _WRITE_FLAGS, _FILE_MODE)
             except OSError as exc:
                 raise _os_error("rewrite", src, exc) from exc
@@ -409,7 +530,7 @@ class Spool:
                 # delete) must not come back to life.
                 if not src.exists():
                     raise NoSuchMessage(f"{queue_id}: removed while being updated")
-                os.replace(tmp, dst_dir / queue_id)
+                install(tmp, dst_dir / queue_id)
             except OSError as exc:
                 _unlink_quietly(tmp)
                 raise _os_error("rewrite", src, exc) from exc
@@ -418,7 +539,11 @@ class Spool:
                 raise
 
     async def remove(self, queue_id: str) -> None:
-        """Delete a message for good (after delivery, or by the operator)."""
+        """Delete a message for good, from whichever queues hold it (hold/ included).
+
+        Used after delivery and by the operator; removing every copy also clears what an
+        interrupted release left in hold/.
+        """
         queue_id = _checked_id(queue_id)
         removed = await self._run(self._unlink_everywhere, queue_id)
         if not removed:
@@ -440,7 +565,11 @@ class Spool:
         return removed
 
     async def quarantine(self, queue_id: str) -> None:
-        """Move an unreadable message to corrupt/, out of delivery's way but kept."""
+        """Move an unreadable message to corrupt/, out of delivery's way but kept.
+
+        Not the hold queue: that is ``hold``/``release``, for readable messages that policy
+        quarantined.
+        """
         queue_id = _checked_id(queue_id)
         queue, path = self._locate(queue_id)
         target = self.corrupt_dir / queue_id
@@ -458,29 +587,54 @@ class Spool:
 
     # -- reading ---------------------------------------------------------------------
 
-    def list_ids(self, queue: QueueName | None = None) -> list[str]:
-        """Queue ids in ``queue`` (both queues if None), oldest first."""
+    def list_ids(self, queue: QueueName | Sequence[QueueName] | None = None) -> list[str]:
+        """Queue ids in ``queue`` or queues (every queue if None), oldest first, each once.
+
+        A message is listed under the queue it is in by the lookup rule (see QUEUES): the
+        held copy an interrupted release left beside an active one does not count as held.
+        """
+        wanted = QUEUES if queue is None else (queue,) if isinstance(queue, str) else queue
+        # Listing every directory when hold/ is wanted finds those leftovers.
+        listing = {
+            name: self._names_in(name)
+            for name in _LISTING_ORDER
+            if name in wanted or "hold" in wanted
+        }
         ids: set[str] = set()
-        for name in QUEUES if queue is None else (queue,):
-            directory = self._queue_dir(name)
-            try:
-                ids.update(n for n in os.listdir(directory) if is_valid_queue_id(n))
-            except FileNotFoundError:
-                continue
-            except OSError as exc:
-                raise _os_error("list", directory, exc) from exc
+        for name in wanted:
+            if name == "hold":
+                ids |= listing["hold"] - listing["incoming"] - listing["deferred"]
+            else:
+                ids |= listing[name]
         return sorted(ids)
 
-    def _locate(self, queue_id: str) -> tuple[QueueName, Path]:
-        for queue in QUEUES:
+    def _names_in(self, queue: QueueName) -> set[str]:
+        directory = self._queue_dir(queue)
+        try:
+            return {n for n in os.listdir(directory) if is_valid_queue_id(n)}
+        except FileNotFoundError:
+            return set()
+        except OSError as exc:
+            raise _os_error("list", directory, exc) from exc
+
+    def _locate(
+        self, queue_id: str, queues: Sequence[QueueName] = QUEUES
+    ) -> tuple[QueueName, Path]:
+        for queue in queues:
             path = self._queue_dir(queue) / queue_id
             if path.exists():
                 return queue, path
         raise NoSuchMessage(f"{queue_id}: no such message in the spool")
 
-    def _open(self, queue_id: str) -> tuple[QueueName, Path, BinaryIO]:
+    def queue_of(self, queue_id: str) -> QueueName:
+        """The queue a message is in (by the lookup rule), without reading its file."""
+        return self._locate(_checked_id(queue_id))[0]
+
+    def _open(
+        self, queue_id: str, queues: Sequence[QueueName] = QUEUES
+    ) -> tuple[QueueName, Path, BinaryIO]:
         queue_id = _checked_id(queue_id)
-        for queue in QUEUES:
+        for queue in queues:
             path = self._queue_dir(queue) / queue_id
             try:
                 return queue, path, open(path, "rb")
@@ -490,9 +644,12 @@ class Spool:
                 raise _os_error("open", path, exc) from exc
         raise NoSuchMessage(f"{queue_id}: no such message in the spool")
 
-    def info(self, queue_id: str) -> SpoolEntry:
-        """Where a message is, its envelope and its size, without reading the message."""
-        queue, path, f = self._open(queue_id)
+    def info(self, queue_id: str, *, include_held: bool = True) -> SpoolEntry:
+        """Where a message is, its envelope and its size, without reading the message.
+
+        With ``include_held=False`` a message on hold is NoSuchMessage.
+        """
+        queue, path, f = self._open(queue_id, QUEUES if include_held else ACTIVE_QUEUES)
         with f:
             try:
                 envelope, _, size = _read_header(f, path, queue_id)
@@ -500,9 +657,12 @@ class Spool:
                 raise _os_error("read", path, exc) from exc
         return SpoolEntry(queue_id, queue, path, envelope, size)
 
-    def load(self, queue_id: str) -> tuple[SpoolEnvelope, bytes]:
-        """The envelope and the message bytes; CorruptSpoolFile if the file is damaged."""
-        _, path, f = self._open(queue_id)
+    def load(self, queue_id: str, *, include_held: bool = True) -> tuple[SpoolEnvelope, bytes]:
+        """The envelope and the message bytes; CorruptSpoolFile if the file is damaged.
+
+        With ``include_held=False`` (what delivery uses) a message on hold is NoSuchMessage.
+        """
+        _, path, f = self._open(queue_id, QUEUES if include_held else ACTIVE_QUEUES)
         with f:
             try:
                 envelope, _, size = _read_header(f, path, queue_id)
