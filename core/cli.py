@@ -19,8 +19,16 @@ def _registrars() -> list[Registrar]:
     from mailgate.core.serve import register as register_serve
     from mailgate.core.spool.cli import register as register_queue
     from mailgate.core.users.cli import register as register_users
+    from mailgate.milters.cli import register as register_milter
 
-    return [register_serve, register_config, register_users, register_queue, register_rules]
+    return [
+        register_serve,
+        register_config,
+        register_users,
+        register_queue,
+        register_rules,
+        register_milter,
+    ]
 
 
 def build_parser() -> argparse.ArgumentParser:
