@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 
 from mailgate.core.errors import SpoolError, UserStoreError
 from mailgate.core.smtp import replies
+from mailgate.core.smtp.filtering import join_message, split_message
 from mailgate.core.smtp.parser import MailPath
 from mailgate.core.smtp.replies import Reply
 from mailgate.core.spool.envelope import SpoolEnvelope
@@ -193,16 +194,25 @@ class DeliveryHandler:
             helo=session.sess.host_name or "",
             auth_user=session.auth_user,
             mail_options=list(envelope.mail_options),
-            rcpt_options=[
-                [key if value is None else f"{key}={value}" for key, value in params.items()]
-                for params in session.rcpt_params
-            ],
+            rcpt_options=[_param_list(params) for params in session.rcpt_params],
             body_type="8BITMIME" if session.body_type == "8BITMIME" else "7BIT",
             smtputf8=bool(envelope.smtp_utf8),
         )
+        hold_reason: str | None = None
+        if session.milters is not None and session.milter_info is not None:
+            outcome = await self._filter(session, spool_envelope, content)
+            if isinstance(outcome, Reply):
+                return outcome
+            content, hold_reason = outcome
+            if not spool_envelope.rcpt_tos:
+                log.info("%s: all recipients removed by milters: discarded", queue_id)
+                return replies.queued(queue_id)
         message = self.received_header(session, queue_id) + content
         try:
-            await self.context.spool.store(spool_envelope, message)
+            if hold_reason is not None:
+                await self.context.spool.hold(spool_envelope, message, hold_reason)
+            else:
+                await self.context.spool.store(spool_envelope, message)
         except (SpoolError, OSError) as exc:
             log.error("%s: %s: cannot queue message: %s", session.session_id, queue_id, exc)
             return replies.SPOOL_FAILED
@@ -211,11 +221,72 @@ class DeliveryHandler:
             message_id = match.group(1).decode("utf-8", "replace")[:200]
             log.info("%s: message-id=%s", queue_id, message_id)
         log.info(
-            "%s: from=<%s>, size=%d, nrcpt=%d (queue active)",
+            "%s: from=<%s>, size=%d, nrcpt=%d (%s)",
             queue_id,
             spool_envelope.mail_from,
             len(message),
             len(spool_envelope.rcpt_tos),
+            f"held: {hold_reason}" if hold_reason is not None else "queue active",
         )
-        self.context.delivery.submit(queue_id)
+        if hold_reason is None:
+            self.context.delivery.submit(queue_id)
         return replies.queued(queue_id)
+
+    async def _filter(
+        self, session: MailgateSMTP, envelope: SpoolEnvelope, content: bytes
+    ) -> Reply | tuple[bytes, str | None]:
+        """End of message through the milter chain: a refusal, or the message to queue.
+
+        Applies what the milters changed (headers, body, sender, recipients) to ``envelope``
+        and returns the new content with the quarantine reason, if any. A discarded
+        message empties the recipient list.
+        """
+        assert session.milters is not None and session.milter_info is not None
+        framed = split_message(content)
+        headers, body = framed if framed is not None else ([], content)
+        result = await session.milters.end_of_message(session.milter_info, headers, body)
+        queue_id = envelope.queue_id
+        if result.disconnect or result.refused:
+            log.info(
+                "%s: milter-reject: END-OF-MESSAGE from [%s]: %s (milter %s); from=<%s>",
+                queue_id,
+                session.client_ip,
+                result.reply,
+                result.milter,
+                envelope.mail_from,
+            )
+            return result.reply or replies.LOCAL_ERROR
+        if result.action == "discard":
+            log.info("%s: milter-discard: END-OF-MESSAGE (milter %s)", queue_id, result.milter)
+            envelope.rcpt_tos = []
+            envelope.rcpt_options = []
+            return content, None
+        if result.headers_changed or result.body_replaced:
+            content = join_message(result.headers, result.body)
+        if result.sender_changed:
+            log.info("%s: milter changed sender to <%s>", queue_id, result.sender)
+            envelope.mail_from = result.sender
+            if result.sender_params is not None:
+                envelope.mail_options = list(result.sender_params)
+        if result.added_recipients or result.deleted_recipients:
+            options = {
+                rcpt.lower(): params
+                for rcpt, params in zip(envelope.rcpt_tos, envelope.rcpt_options, strict=False)
+            }
+            options.update({rcpt.lower(): list(params) for rcpt, params in result.added_recipients})
+            envelope.rcpt_tos = list(result.recipients)
+            envelope.rcpt_options = [options.get(rcpt.lower(), []) for rcpt in envelope.rcpt_tos]
+            log.info(
+                "%s: milters changed recipients: added %s, removed %s",
+                queue_id,
+                ", ".join(f"<{r}>" for r, _ in result.added_recipients) or "none",
+                ", ".join(f"<{r}>" for r in result.deleted_recipients) or "none",
+            )
+        hold = result.quarantine if result.quarantine is not None else None
+        if hold is None and result.action == "quarantine":
+            hold = f"quarantined by milter {result.milter}"
+        return content, hold
+
+
+def _param_list(params: dict[str, str | None]) -> list[str]:
+    return [key if value is None else f"{key}={value}" for key, value in params.items()]

@@ -23,6 +23,8 @@ from typing import Any, Protocol
 
 from mailgate.core.config import Config, ListenAddress
 from mailgate.core.errors import ConfigError
+from mailgate.core.milter import MilterSpec
+from mailgate.core.smtp.filtering import build_specs
 from mailgate.core.smtp.handler import DeliveryHandler
 from mailgate.core.smtp.limits import ConnectionLimits, SlidingWindow
 from mailgate.core.smtp.session import MailgateSMTP
@@ -45,6 +47,7 @@ class UserDirectory(Protocol):
 
 class MessageSpool(Protocol):
     async def store(self, envelope: SpoolEnvelope, content: bytes) -> None: ...
+    async def hold(self, envelope: SpoolEnvelope, content: bytes, reason: str) -> None: ...
 
 
 class DeliveryQueue(Protocol):
@@ -66,7 +69,9 @@ class ServerContext:
     limits: ConnectionLimits = field(init=False)
     auth_failures: SlidingWindow = field(init=False)
     relay_networks: list[Any] = field(init=False)
+    milter_specs: list[MilterSpec] = field(init=False)
     _ids: itertools.count[int] = field(default_factory=itertools.count, init=False)
+    _background: set[asyncio.Future[Any]] = field(default_factory=set, init=False)
 
     def __post_init__(self) -> None:
         config = self.config
@@ -78,7 +83,13 @@ class ServerContext:
         )
         self.auth_failures = SlidingWindow(config.auth_max_failures, config.auth_failure_window)
         self.relay_networks = config.relay_network_objects
+        self.milter_specs = build_specs(config)
         self._prefix = f"{os.getpid():x}"
+
+    def track(self, future: asyncio.Future[Any]) -> None:
+        """Keep a background task alive until it is done (asyncio holds only weak refs)."""
+        self._background.add(future)
+        future.add_done_callback(self._background.discard)
 
     def next_session_id(self) -> str:
         return f"s{self._prefix}.{next(self._ids)}"

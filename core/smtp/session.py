@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any, cast
 
 from aiosmtpd.smtp import SMTP, AuthResult, Envelope, Session, TLSSetupException, syntax
 
+from mailgate.core.milter import MilterChain, SessionInfo, StageResult
 from mailgate.core.smtp import replies
 from mailgate.core.smtp.framing import DataReader, LineBuffer, TooLong
 from mailgate.core.smtp.parser import (
@@ -83,6 +84,10 @@ class MailgateSMTP(SMTP):
         self.body_type = "7BIT"
         self.in_transaction = False
         self.rcpt_params: list[dict[str, str | None]] = []
+        self.milters: MilterChain | None = None
+        self.milter_info: SessionInfo | None = None
+        # A refusal from the chain at connect time answers every later command but QUIT.
+        self.milter_refusal: Reply | None = None
 
     # -- connection life ---------------------------------------------------------------
 
@@ -247,6 +252,8 @@ class MailgateSMTP(SMTP):
         try:
             if self.context.shutting_down:
                 await self._close_with(replies.SHUTTING_DOWN)
+            if self.context.milter_specs:
+                await self._milter_connect()
             await self._write_line(replies.greeting(config.hostname))
             while not self.closing:
                 line = await self.read_line()
@@ -260,6 +267,70 @@ class MailgateSMTP(SMTP):
         finally:
             if self.transport is not None:
                 self.transport.close()
+            if self.milters is not None:
+                # Closing talks to the milters; it must not be cut short by our own end.
+                self.context.track(asyncio.ensure_future(self.milters.close()))
+
+    # -- the milter chain --------------------------------------------------------------
+
+    def _session_info(self) -> SessionInfo:
+        assert self.transport is not None
+        local = self.transport.get_extra_info("sockname")
+        peer = self.transport.get_extra_info("peername")
+        config = self.context.config
+        return SessionInfo(
+            hostname=config.hostname,
+            daemon_name=f"mailgate-{self.role}",
+            daemon_addr=str(local[0]) if isinstance(local, tuple) else None,
+            daemon_port=int(local[1]) if isinstance(local, tuple) else None,
+            client_addr=self.client_ip if self.client_ip != "unix" else "",
+            client_port=int(peer[1]) if isinstance(peer, tuple) else 0,
+            local_domains=frozenset(config.local_domains),
+        )
+
+    def _update_tls_info(self) -> None:
+        info = self.milter_info
+        tls = self.tls_info()
+        if info is not None and tls is not None:
+            info.tls_version, info.cipher, info.cipher_bits = tls
+
+    async def _milter_connect(self) -> None:
+        self.milters = MilterChain(self.context.milter_specs, session_id=self.session_id)
+        self.milter_info = self._session_info()
+        self._update_tls_info()
+        result = await self.milters.connect(self.milter_info)
+        if result.disconnect:
+            await self._close_with(result.reply or replies.SHUTTING_DOWN)
+        if result.refused:
+            self.milter_refusal = result.reply
+            log.info(
+                "%s: milter-reject: CONNECT from [%s]: %s",
+                self.session_id,
+                self.client_ip,
+                result.reply,
+            )
+
+    async def _milter_refused(self, stage: str, result: StageResult) -> bool:
+        """Answer the command with the chain's refusal, if it refused; True when it did."""
+        if result.disconnect:
+            await self._close_with(result.reply or replies.SHUTTING_DOWN)
+        if not result.refused or result.reply is None:
+            return False
+        log.info(
+            "%s: %s: milter-reject: %s from [%s]: %s (milter %s)",
+            self.session_id,
+            self.queue_id or "NOQUEUE",
+            stage,
+            self.client_ip,
+            result.reply,
+            result.milter,
+        )
+        await self.reply(result.reply)
+        return True
+
+    async def _milter_abort(self) -> None:
+        if self.milters is not None and self.in_transaction:
+            await self.milters.abort()
 
     async def _dispatch(self, raw: bytes | TooLong) -> None:
         if isinstance(raw, TooLong):
@@ -279,9 +350,16 @@ class MailgateSMTP(SMTP):
         except CommandSyntaxError as exc:
             await self.reply(exc.reply)
             return
+        if self.milter_refusal is not None and command.verb not in ("QUIT", "NOOP", "RSET"):
+            await self.reply(self.milter_refusal)
+            return
         method = self._smtp_methods.get(command.verb)
         if method is None:
             log.info("%s: unrecognized command %s", self.session_id, command.verb[:16])
+            if self.milters is not None and self.milter_info is not None:
+                result = await self.milters.unknown(self.milter_info, line)
+                if await self._milter_refused("UNKNOWN", result):
+                    return
             await self.reply(replies.UNRECOGNIZED)
             return
         if command.verb != "AUTH":
@@ -310,15 +388,27 @@ class MailgateSMTP(SMTP):
         if not arg or " " in arg:
             await self.reply(replies.SYNTAX_HELO)
             return
+        if not await self._milter_helo(arg):
+            return
         self._reset_transaction()
         self.sess.extended_smtp = False
         self.sess.host_name = arg
         await self._write_line(f"250 {self.hostname}")
 
+    async def _milter_helo(self, helo: str) -> bool:
+        """Run the HELO stage of the chain; False when it refused (already answered)."""
+        await self._milter_abort()
+        if self.milters is None or self.milter_info is None:
+            return True
+        self.milter_info.helo = helo
+        return not await self._milter_refused("HELO", await self.milters.helo(self.milter_info))
+
     @syntax("EHLO hostname")
     async def smtp_EHLO(self, arg: str | None) -> None:
         if not arg or " " in arg:
             await self.reply(replies.SYNTAX_EHLO)
+            return
+        if not await self._milter_helo(arg):
             return
         self._reset_transaction()
         self.sess.extended_smtp = True
@@ -357,6 +447,7 @@ class MailgateSMTP(SMTP):
         if arg:
             await self.reply(replies.SYNTAX_NO_ARGS)
             return
+        await self._milter_abort()
         self._reset_transaction()
         await self.reply(replies.ok())
 
@@ -391,6 +482,7 @@ class MailgateSMTP(SMTP):
         except TimeoutError:
             raise TLSSetupException() from None
         self.lines.clear()
+        self._update_tls_info()
         log.info("%s: STARTTLS established with [%s]", self.session_id, self.client_ip)
 
     @syntax("AUTH <mechanism>")
@@ -423,6 +515,9 @@ class MailgateSMTP(SMTP):
         await super().smtp_AUTH(arg)
         if self.sess.authenticated and self.sess.auth_data:
             self.auth_user = str(self.sess.auth_data)
+            if self.milter_info is not None:
+                self.milter_info.auth_type = arg.split(" ", 1)[0] if arg else None
+                self.milter_info.auth_user = self.auth_user
 
     async def _challenge(self, prompt: bytes) -> bytes | None:
         """Send a 334 challenge and read the base64 answer; None after an abort or bad data."""
@@ -528,6 +623,14 @@ class MailgateSMTP(SMTP):
             await self.reply(problem)
             return
         reply = await self.handler.check_sender(self, path)
+        if reply.code == 250 and self.milters is not None and self.milter_info is not None:
+            self.milter_info.queue_id = self.queue_id
+            result = await self.milters.mail(
+                self.milter_info, path.address, _render_params(path.params)
+            )
+            if await self._milter_refused("MAIL", result):
+                self.queue_id = None
+                return
         if reply.code == 250:
             self.in_transaction = True
             self.env.mail_from = path.address
@@ -588,6 +691,14 @@ class MailgateSMTP(SMTP):
             await self.reply(replies.TOO_MANY_RECIPIENTS)
             return
         reply, address = await self.handler.check_recipient(self, path)
+        if self.milters is not None and self.milter_info is not None:
+            params = _render_params(path.params)
+            if reply.code != 250:
+                await self.milters.rcpt_rejected(self.milter_info, address, params, reply)
+            elif await self._milter_refused(
+                "RCPT", await self.milters.rcpt(self.milter_info, address, params)
+            ):
+                return
         if reply.code == 250:
             self.env.rcpt_tos.append(address)
             self.rcpt_params.append(dict(path.params))
@@ -608,6 +719,12 @@ class MailgateSMTP(SMTP):
         if arg:
             await self.reply(replies.SYNTAX_NO_ARGS)
             return
+        if (
+            self.milters is not None
+            and self.milter_info is not None
+            and await self._milter_refused("DATA", await self.milters.data(self.milter_info))
+        ):
+            return
         config = self.context.config
         await self._write_line(replies.START_DATA)
         reader = DataReader(config.max_message_size, config.max_line_length)
@@ -621,6 +738,8 @@ class MailgateSMTP(SMTP):
         reply = self._check_body(result.size_exceeded, result.line_too_long, result.has_8bit)
         if reply is None:
             reply = await self._accept(result.content)
+        else:
+            await self._milter_abort()
         self._reset_transaction()
         await self.reply(reply)
 
