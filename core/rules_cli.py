@@ -9,6 +9,7 @@ exits 1 when anything is wrong, so they fit CI and pre-commit hooks.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -87,8 +88,8 @@ def _fact(text: str) -> tuple[str, Any]:
 
 
 def _explain(args: argparse.Namespace) -> int:
-    ruleset = _load(args.file)
-    if ruleset is None:
+    chain = _explain_chain(args)
+    if chain is None:
         return 1
     try:
         raw = sys.stdin.buffer.read() if str(args.message) == "-" else args.message.read_bytes()
@@ -103,27 +104,86 @@ def _explain(args: argparse.Namespace) -> int:
         auth_user=args.auth_user,
         extra=dict(args.facts),
     )
-    _print_verdict(ruleset.evaluate(facts))
+    final: Verdict | None = None
+    for name, ruleset in chain:
+        if ruleset is None:
+            print(f"{name}: external milter, not evaluated offline")
+            continue
+        print(f"{name} ({ruleset.source}):")
+        verdict = ruleset.evaluate(facts)
+        _print_verdict(verdict, indent="  ")
+        # As in the chain: the first daemon that rejects, tempfails or discards decides.
+        if final is None and verdict.action in ("reject", "tempfail", "discard"):
+            final = verdict
+    if final is None:
+        held = [v for _, rs in chain if rs is not None for v in [rs.evaluate(facts)]]
+        final = next((v for v in held if v.action == "quarantine"), Verdict("accept"))
+    print(f"final: {_describe_action(final)}")
     return 0
 
 
-def _print_verdict(verdict: Verdict) -> None:
+def _explain_chain(args: argparse.Namespace) -> list[tuple[str, RuleSet | None]] | None:
+    """The rule sets to run: --rules files, else the daemons of the configured chain."""
+    if args.rules:
+        chain: list[tuple[str, RuleSet | None]] = []
+        for path in args.rules:
+            ruleset = _load(path)
+            if ruleset is None:
+                return None
+            chain.append((ruleset.daemon, ruleset))
+        return chain
+    from mailgate.core.config import load_config
+    from mailgate.core.errors import ConfigError
+    from mailgate.milters import registry
+    from mailgate.milters.runner import DaemonError, default_rules
+
+    try:
+        config = load_config(args.config)
+    except ConfigError as exc:
+        for problem in exc.problems:
+            print(problem, file=sys.stderr)
+        return None
+    if not config.milters:
+        print("no milters are configured; name rule files with --rules FILE", file=sys.stderr)
+        return None
+    chain = []
+    for milter in config.milters:
+        if milter.daemon is None:
+            chain.append((milter.name, None))
+            continue
+        try:
+            path = milter.rules or default_rules(registry.get(milter.daemon))
+        except (DaemonError, LookupError) as exc:
+            print(f"milter {milter.name}: {exc}", file=sys.stderr)
+            return None
+        ruleset = _load(path)
+        if ruleset is None:
+            return None
+        chain.append((milter.name, ruleset))
+    return chain
+
+
+def _describe_action(verdict: Verdict) -> str:
     action: str = verdict.action
     if action in ("reject", "tempfail"):
         code, enhanced, text = verdict.reply()
-        action = f"{action} {code} {enhanced} {text}"
-    elif action == "quarantine":
-        action = f"quarantine ({verdict.quarantine_reason})"
-    print(f"action: {action}")
+        return f"{action} {code} {enhanced} {text}"
+    if action == "quarantine":
+        return f"quarantine ({verdict.quarantine_reason})"
+    return action
+
+
+def _print_verdict(verdict: Verdict, indent: str = "") -> None:
+    print(f"{indent}action: {_describe_action(verdict)}")
     for match in verdict.matched:
-        print(f"matched {match.rule}: {match.reason}")
+        print(f"{indent}matched {match.rule}: {match.reason}")
     for change in verdict.header_changes:
         where = f" #{change.index}" if change.op != "add" else ""
-        print(f"header {change.op}{where}: {change.name}: {change.value}")
+        print(f"{indent}header {change.op}{where}: {change.name}: {change.value}")
     for address in verdict.add_recipients:
-        print(f"add recipient: {address}")
+        print(f"{indent}add recipient: {address}")
     for address in verdict.remove_recipients:
-        print(f"remove recipient: {address}")
+        print(f"{indent}remove recipient: {address}")
 
 
 def _schema(args: argparse.Namespace) -> int:
@@ -146,9 +206,27 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     test.add_argument("files", nargs="+", type=Path, metavar="FILE")
     test.set_defaults(handler=_test)
 
-    explain = rules_sub.add_parser("explain", help="show the verdict on one message, and why")
-    explain.add_argument("file", type=Path, metavar="FILE", help="the rule file")
+    explain = rules_sub.add_parser(
+        "explain",
+        help="run a message through the configured chain offline: per daemon, which rule "
+        "matched and why, and the final verdict",
+    )
     explain.add_argument("message", type=Path, metavar="MESSAGE", help="an .eml file, - = stdin")
+    explain.add_argument(
+        "--rules",
+        action="append",
+        type=Path,
+        default=[],
+        metavar="FILE",
+        help="rule files to use instead of the configured chain (repeatable, in order)",
+    )
+    explain.add_argument(
+        "--config",
+        "-c",
+        type=Path,
+        default=os.environ.get("MAILGATE_CONFIG") or None,
+        help="configuration naming the chain (default: $MAILGATE_CONFIG)",
+    )
     explain.add_argument("--from", dest="sender", default="", help="envelope sender")
     explain.add_argument(
         "--to", dest="recipients", action="append", default=[], help="envelope recipient"

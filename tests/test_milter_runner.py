@@ -19,6 +19,13 @@ from typing import Any
 
 import Milter
 import pytest
+
+from mailgate.milters.adapter import DaemonContext, PolicyMilter
+from mailgate.milters.runner import DaemonError, parse_socket
+from mailgate.policies.facts import MessageFacts
+from mailgate.policies.verdict import Verdict
+
+from conftest import free_port
 from daemon_milter_client import (
     SMFIF_ADDHDRS,
     SMFIF_ADDRCPT,
@@ -38,13 +45,6 @@ from daemon_milter_client import (
     run_message,
 )
 from daemon_process import Daemon, run_cli
-
-from mailgate.milters.adapter import DaemonContext, PolicyMilter
-from mailgate.milters.runner import DaemonError, parse_socket
-from mailgate.policies.facts import MessageFacts
-from mailgate.policies.verdict import Verdict
-
-from conftest import free_port
 
 REJECT_SUBJECT = """\
 daemon: content

@@ -125,8 +125,9 @@ def test_shipped_content_rules_pass_their_own_tests() -> None:
 def test_explain(tmp_path: Path) -> None:
     result = mailgate_rules(
         "explain",
-        RULES / "content.yaml",
         RULES / "tests" / "encrypted-zip.eml",
+        "--rules",
+        RULES / "content.yaml",
         "--from",
         "billing@supplier.example",
         "--to",
@@ -135,11 +136,38 @@ def test_explain(tmp_path: Path) -> None:
         "spam_score=9.5",
     )
     assert result.returncode == 0, result.stderr
-    assert result.stdout.splitlines() == [
-        "action: continue",
-        "matched encrypted-archives: attachment 'statement.zip' encrypted",
-        "header add: X-Mailgate-Encrypted-Archive: yes",
+    lines = result.stdout.splitlines()
+    assert lines[0].startswith("content (") and lines[0].endswith("content.yaml):")
+    assert lines[1:] == [
+        "  action: continue",
+        "  matched encrypted-archives: attachment 'statement.zip' encrypted",
+        "  header add: X-Mailgate-Encrypted-Archive: yes",
+        "final: accept",
     ]
+
+
+def test_explain_runs_the_configured_chain(tmp_path: Path) -> None:
+    strict = tmp_path / "strict.yaml"
+    strict.write_text(
+        "daemon: content\nrules:\n  - name: no-zip\n"
+        "    if: {attachment: {filename: {matches: '*.zip'}}}\n"
+        "    then: {reject: {code: 550, enhanced: 5.7.1, text: no archives}}\n"
+    )
+    config = tmp_path / "mailgate.yaml"
+    config.write_text(
+        "milters:\n"
+        "  - {name: shipped, daemon: content}\n"
+        "  - {name: dkim, socket: 'inet:8891@127.0.0.1'}\n"
+        f"  - {{name: strict, daemon: content, rules: {strict}}}\n"
+    )
+    result = mailgate_rules("explain", RULES / "tests" / "encrypted-zip.eml", "--config", config)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0].startswith("shipped (") and "content.yaml" in lines[0]
+    assert "dkim: external milter, not evaluated offline" in lines
+    assert f"strict ({strict}):" in lines
+    assert "  matched no-zip: attachment 'statement.zip' filename matches '*.zip'" in lines
+    assert lines[-1] == "final: reject 550 5.7.1 no archives"
 
 
 def test_schema_matches_the_committed_file() -> None:
