@@ -114,6 +114,10 @@ def _serve(args: argparse.Namespace) -> int:
         return 1
     setup_logging(config.log_level)
     try:
+        if config.event_loop == "uvloop":
+            import uvloop
+
+            return uvloop.run(run_gateway(config))
         return asyncio.run(run_gateway(config))
     except ConfigError as exc:
         for problem in exc.problems:
