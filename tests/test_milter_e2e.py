@@ -256,3 +256,33 @@ def test_milter_dying_mid_message_loses_nothing_acknowledged(tmp_path: Path) -> 
     finally:
         gateway.stop()
         peer.kill()
+
+
+def test_supervisor_restarts_a_dead_daemon(content_gateway: Gateway) -> None:
+    import os
+    import re
+
+    pids = re.findall(r"started daemon content \(pid (\d+)\)", content_gateway.log())
+    assert pids
+    os.kill(int(pids[-1]), signal.SIGKILL)
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline:
+        restarted = re.findall(r"started daemon content \(pid (\d+)\)", content_gateway.log())
+        if len(restarted) > len(pids):
+            break
+        time.sleep(0.1)
+    assert len(restarted) == len(pids) + 1
+    assert "daemon exited with status -9; restarting in 1s" in content_gateway.log()
+    # Until it listens again the default action (tempfail) applies; then mail flows.
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        with Wire(content_gateway.smtp_port) as wire:
+            wire.reply()
+            wire.cmd("EHLO client.example")
+            code, text = wire.cmd("MAIL FROM:<a@remote.example>")
+        if code == 250:
+            break
+        assert (code, text) == (451, "4.7.1 Service unavailable - try again later")
+        time.sleep(0.2)
+    assert send(content_gateway, "after restart 8")[0] == 250
+    assert find(content_gateway, ALICE, b"after restart 8") is not None
