@@ -172,6 +172,18 @@ class MilterConfig(BaseModel):
             )
         return value
 
+    @field_validator("daemon")
+    @classmethod
+    def _known_daemon(cls, value: str | None) -> str | None:
+        if value is None:
+            return value
+        from mailgate.milters import registry
+
+        names = [entry.name for entry in registry.daemons()]
+        if value not in names:
+            raise ValueError(f"{value!r} is not a mailgate daemon (known: {', '.join(names)})")
+        return value
+
     @model_validator(mode="after")
     def _reachable(self) -> MilterConfig:
         if self.socket is None and self.daemon is None:
@@ -453,7 +465,7 @@ def load_config(
 
 
 # Variables with the prefix that configure tooling rather than the gateway itself.
-_ENV_NOT_SETTINGS = frozenset({"MAILGATE_CONFIG"})
+_ENV_NOT_SETTINGS = frozenset({"MAILGATE_CONFIG", "MAILGATE_RULES_DIR"})
 
 
 def _describe(

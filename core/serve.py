@@ -63,6 +63,15 @@ async def run_gateway(config: Config, *, ready: asyncio.Event | None = None) -> 
     )
     server = SmtpServer(context)
     supervisor = Supervisor(config)
+    # Signals are handled from the start: a reload or stop during start-up is queued, never
+    # the end of the process. SIGHUP: the daemons reload their rules. SIGUSR1: deliver what
+    # is waiting now (sent by `mailgate queue quarantine release`).
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, supervisor.reload)
+    loop.add_signal_handler(signal.SIGUSR1, delivery.scan_now)
     await supervisor.start()
     try:
         await server.start()
@@ -73,15 +82,7 @@ async def run_gateway(config: Config, *, ready: asyncio.Event | None = None) -> 
         raise
     await delivery.start()
 
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, stop.set)
-    # SIGHUP: the daemons reload their rules. SIGUSR1: deliver what is waiting now
-    # (sent by `mailgate queue quarantine release`).
-    loop.add_signal_handler(signal.SIGHUP, supervisor.reload)
-    loop.add_signal_handler(signal.SIGUSR1, delivery.scan_now)
-    # Only now: a SIGUSR1 that arrives before its handler exists would end the process.
+    # Published once serving: `queue quarantine release` signals this pid.
     write_pid_file(config)
     domains = ", ".join(config.local_domains) or "(none configured; see `mailgate domain add`)"
     log.info(

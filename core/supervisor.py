@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import logging
 import os
 import signal
@@ -82,8 +83,13 @@ class Supervisor:
         while not self.stopping:
             started = loop.time()
             try:
+                # Its own session: a Ctrl-C or a signal to serve's process group must not
+                # stop a daemon behind the supervisor's back (it would be "restarted").
                 child.process = await asyncio.create_subprocess_exec(
-                    *child.argv, stdin=asyncio.subprocess.DEVNULL
+                    *child.argv,
+                    stdin=asyncio.subprocess.DEVNULL,
+                    start_new_session=True,
+                    preexec_fn=_die_with_parent,
                 )
             except OSError as exc:
                 log.error("milter %s: cannot start: %s", child.milter.name, exc)
@@ -152,6 +158,17 @@ class Supervisor:
                 child.task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await child.task
+
+
+def _die_with_parent() -> None:
+    """In the child before exec: get SIGTERM when `mailgate serve` dies, even by SIGKILL,
+    so an orphaned daemon never keeps the socket the next serve needs."""
+    _LIBC.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+
+
+_PR_SET_PDEATHSIG = 1
+# Loaded in the parent: after fork only the call itself runs (no dlopen in the child).
+_LIBC = ctypes.CDLL(None, use_errno=True)
 
 
 async def _accepts(spec: str) -> bool:

@@ -286,3 +286,25 @@ def test_supervisor_restarts_a_dead_daemon(content_gateway: Gateway) -> None:
         time.sleep(0.2)
     assert send(content_gateway, "after restart 8")[0] == 250
     assert find(content_gateway, ALICE, b"after restart 8") is not None
+
+
+def test_daemons_die_with_a_killed_serve(tmp_path: Path) -> None:
+    import os
+    import re
+
+    gateway = make_gateway(tmp_path)
+    add_default_users(gateway)
+    config = config_file(tmp_path, "  - name: content\n    daemon: content\n")
+    gateway.extra_args = ["--config", str(config)]
+    gateway.start()
+    pid = int(re.findall(r"started daemon content \(pid (\d+)\)", gateway.log())[-1])
+    os.kill(pid, 0)
+    gateway.kill9()
+    deadline = time.monotonic() + 10
+    while Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not Path(f"/proc/{pid}").exists(), "the daemon outlived its supervisor"
+    # A new serve takes the same socket over at once.
+    gateway.start()
+    assert send(gateway, "after a crash 9")[0] == 250
+    gateway.stop()

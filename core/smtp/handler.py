@@ -34,7 +34,7 @@ _HELO_UNSAFE = re.compile(r"[^\x21-\x7e]")
 
 
 class DeliveryHandler:
-    """The decisions of the core for MAIL, RCPT and DATA (milters join them in a later stage)."""
+    """The core's own decisions for MAIL, RCPT and DATA; the milter chain adds its own."""
 
     def __init__(self, context: ServerContext) -> None:
         self.context = context
@@ -282,10 +282,7 @@ class DeliveryHandler:
                 ", ".join(f"<{r}>" for r, _ in result.added_recipients) or "none",
                 ", ".join(f"<{r}>" for r in result.deleted_recipients) or "none",
             )
-        hold = result.quarantine if result.quarantine is not None else None
-        if hold is None and result.action == "quarantine":
-            hold = f"quarantined by milter {result.milter}"
-        return content, hold
+        return content, result.quarantine
 
 
 def _param_list(params: dict[str, str | None]) -> list[str]:

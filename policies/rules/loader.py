@@ -27,8 +27,30 @@ YamlPath = tuple[Any, ...]
 _KNOWN_KEYS = sorted(known_keys())
 
 
-def load_rules(path: str | Path) -> RuleSet:
-    """Read, validate and compile the rule file at ``path``; raise RuleError if it is bad."""
+class _RuleLoader(yaml.SafeLoader):
+    """YAML 1.2 booleans: only true/false. In a rule file ``is: yes`` or ``contains: on``
+    compare against the text as written, not against a boolean (YAML 1.1 would turn them
+    into True); settings that really are booleans still accept yes/no through validation.
+    """
+
+
+_RuleLoader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:bool"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_RuleLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:bool",
+    re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"),
+    list("tTfF"),
+)
+
+
+def load_rules(path: str | Path, *, check_test_files: bool = True) -> RuleSet:
+    """Read, validate and compile the rule file at ``path``; raise RuleError if it is bad.
+
+    A daemon loading its production rules passes ``check_test_files=False``: the messages
+    its test cases name belong to `mailgate rules test`, not to the running policy.
+    """
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")
@@ -36,10 +58,16 @@ def load_rules(path: str | Path) -> RuleSet:
         raise RuleError([f"{path}: cannot read: {exc.strerror or exc}"]) from None
     except UnicodeDecodeError:
         raise RuleError([f"{path}: not UTF-8 text"]) from None
-    return parse_rules(text, str(path), base_dir=path.parent)
+    return parse_rules(text, str(path), base_dir=path.parent, check_test_files=check_test_files)
 
 
-def parse_rules(text: str, filename: str = "<rules>", *, base_dir: Path | None = None) -> RuleSet:
+def parse_rules(
+    text: str,
+    filename: str = "<rules>",
+    *,
+    base_dir: Path | None = None,
+    check_test_files: bool = True,
+) -> RuleSet:
     """Validate and compile rule-file ``text``; ``filename`` is used in problems.
 
     ``base_dir`` is where test cases' message files are found (default: the directory of
@@ -58,7 +86,7 @@ def parse_rules(text: str, filename: str = "<rules>", *, base_dir: Path | None =
     except ValidationError as exc:
         for error in exc.errors():
             problems.append(_describe(error, data, lines))
-    problems.extend(_cross_checks(data, lines, base_dir))
+    problems.extend(_cross_checks(data, lines, base_dir if check_test_files else None))
     if problems or spec is None:
         raise RuleError(_format(problems, filename))
     return RuleSet.from_spec(spec, filename, base_dir)
@@ -92,7 +120,7 @@ def _read_yaml(text: str, filename: str) -> tuple[Any, dict[YamlPath, int], list
                 walk(item, (*path, index))
 
     try:
-        loader = yaml.SafeLoader(text)
+        loader = _RuleLoader(text)
         try:
             root = loader.get_single_node()
             if root is None:
@@ -211,7 +239,7 @@ def _show(value: Any) -> str:
 
 
 def _cross_checks(
-    data: dict[Any, Any], lines: Mapping[YamlPath, int], base_dir: Path
+    data: dict[Any, Any], lines: Mapping[YamlPath, int], base_dir: Path | None
 ) -> list[Problem]:
     problems: list[Problem] = []
     names: dict[str, int] = {}
@@ -238,7 +266,7 @@ def _check_test(
     path: YamlPath,
     rule_names: Mapping[str, int],
     lines: Mapping[YamlPath, int],
-    base_dir: Path,
+    base_dir: Path | None,
 ) -> list[Problem]:
     problems: list[Problem] = []
 
@@ -255,7 +283,7 @@ def _check_test(
             if isinstance(name, str) and name not in rule_names:
                 problem((*path, "expect", "matched", index), f"no rule named {name!r} in this file")
     message = test.get("message")
-    if isinstance(message, dict) and isinstance(message.get("file"), str):
+    if base_dir is not None and isinstance(message, dict) and isinstance(message.get("file"), str):
         file = base_dir / message["file"]
         if not file.is_file():
             problem((*path, "message", "file"), f"no such file: {file}")
