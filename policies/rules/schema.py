@@ -182,8 +182,12 @@ class FactSpec(MatchSpec):
     name: FactName = Field(description="fact name")
 
 
+_BOOL_WORDS = frozenset({"yes", "no", "on", "off", "true", "false"})
+
+
 def _bool_or_mapping(value: Any) -> str | None:
-    if isinstance(value, bool):
+    # yes/no/on/off arrive as words (rule files use YAML 1.2 booleans); they mean booleans here.
+    if isinstance(value, bool) or (isinstance(value, str) and value.lower() in _BOOL_WORDS):
         return "<bool>"
     if isinstance(value, dict | BaseModel):
         return "<mapping>"
