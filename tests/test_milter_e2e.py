@@ -297,14 +297,17 @@ def test_daemons_die_with_a_killed_serve(tmp_path: Path) -> None:
     config = config_file(tmp_path, "  - name: content\n    daemon: content\n")
     gateway.extra_args = ["--config", str(config)]
     gateway.start()
-    pid = int(re.findall(r"started daemon content \(pid (\d+)\)", gateway.log())[-1])
-    os.kill(pid, 0)
-    gateway.kill9()
-    deadline = time.monotonic() + 10
-    while Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert not Path(f"/proc/{pid}").exists(), "the daemon outlived its supervisor"
-    # A new serve takes the same socket over at once.
-    gateway.start()
-    assert send(gateway, "after a crash 9")[0] == 250
-    gateway.stop()
+    try:
+        pid = int(re.findall(r"started daemon content \(pid (\d+)\)", gateway.log())[-1])
+        os.kill(pid, 0)
+        gateway.kill9()
+        deadline = time.monotonic() + 10
+        while Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not Path(f"/proc/{pid}").exists(), "the daemon outlived its supervisor"
+        # A new serve takes the same socket over at once.
+        gateway.start()
+        assert send(gateway, "after a crash 9")[0] == 250
+    finally:
+        if gateway.process is not None and gateway.process.poll() is None:
+            gateway.stop()
