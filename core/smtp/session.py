@@ -88,6 +88,8 @@ class MailgateSMTP(SMTP):
         self.milter_info: SessionInfo | None = None
         # A refusal from the chain at connect time answers every later command but QUIT.
         self.milter_refusal: Reply | None = None
+        self._out: list[bytes] = []
+        self._hold_output = True
 
     # -- connection life ---------------------------------------------------------------
 
@@ -180,16 +182,37 @@ class MailgateSMTP(SMTP):
         await self.push(reply)
 
     async def _write_line(self, text: str) -> None:
+        """Queue a reply; it goes out when the session next waits for the client.
+
+        Replies to pipelined commands (RFC 2920) thus leave in one segment instead of one
+        write each. Before any wait for input everything queued is flushed, so a client
+        that waits for a reply always gets it.
+        """
         if self.transport is None or self.transport.is_closing():
             raise SessionClosed
-        self._writer.write(text.encode("utf-8") + b"\r\n")
-        await self._writer.drain()
+        self._out.append(text.encode("utf-8") + b"\r\n")
+        if not self._hold_output:
+            await self._flush()
+
+    async def _flush(self) -> None:
+        if self._out:
+            if self.transport is None or self.transport.is_closing():
+                raise SessionClosed
+            self._writer.write(b"".join(self._out))
+            self._out.clear()
+            await self._writer.drain()
+
+    def _write_now(self, reply: Reply) -> None:
+        """Queued replies, then ``reply``, without waiting: for the last words before a close."""
+        self._out.append(reply.render().encode() + b"\r\n")
+        with contextlib.suppress(Exception):
+            if self.transport is not None and not self.transport.is_closing():
+                self._writer.write(b"".join(self._out))
+        self._out.clear()
 
     async def _close_with(self, reply: Reply) -> None:
         self.closing = True
-        with contextlib.suppress(Exception):
-            if self.transport is not None and not self.transport.is_closing():
-                self._writer.write(reply.render().encode() + b"\r\n")
+        self._write_now(reply)
         if self.transport is not None:
             self.transport.close()
         raise SessionClosed
@@ -198,13 +221,13 @@ class MailgateSMTP(SMTP):
         """Called at the end of the shutdown grace period: 421 4.3.2 and close."""
         self.closing = True
         if self.transport is not None and not self.transport.is_closing():
-            with contextlib.suppress(Exception):
-                self._writer.write(replies.SHUTTING_DOWN.render().encode() + b"\r\n")
+            self._write_now(replies.SHUTTING_DOWN)
             self.transport.close()
 
     # -- input -------------------------------------------------------------------------
 
     async def _fill(self, timeout: float) -> bytes:
+        await self._flush()
         try:
             data: bytes = await asyncio.wait_for(self._reader.read(READ_CHUNK), timeout)
         except TimeoutError:
@@ -442,6 +465,14 @@ class MailgateSMTP(SMTP):
     async def smtp_NOOP(self, arg: str | None) -> None:
         await self.reply(replies.ok())
 
+    @syntax("QUIT")
+    async def smtp_QUIT(self, arg: str | None) -> None:
+        if arg:
+            await self.reply(replies.SYNTAX_NO_ARGS)
+            return
+        await self._milter_abort()
+        await self._close_with(replies.BYE)
+
     @syntax("RSET")
     async def smtp_RSET(self, arg: str | None) -> None:
         if arg:
@@ -477,10 +508,14 @@ class MailgateSMTP(SMTP):
             return
         # Anything the client pipelined after STARTTLS must not be acted upon (RFC 3207 §5).
         self.lines.clear()
+        # aiosmtpd writes "220" and swaps the transport at once: it must not wait in a queue.
+        self._hold_output = False
         try:
             await asyncio.wait_for(super().smtp_STARTTLS(None), self.context.config.command_timeout)
         except TimeoutError:
             raise TLSSetupException() from None
+        finally:
+            self._hold_output = True
         self.lines.clear()
         self._update_tls_info()
         log.info("%s: STARTTLS established with [%s]", self.session_id, self.client_ip)
