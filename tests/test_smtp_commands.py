@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import time
 
 import pytest
 
@@ -75,10 +76,14 @@ def test_delivery_to_maildir_with_trace_headers(gateway: Gateway) -> None:
     assert "Received: from client.example ([127.0.0.1])" in head
     assert f"by mx.example.test (mailgate) with ESMTP id {queue_id}" in head
     assert f"for <{ALICE}>" in head
-    # The queue ID follows the message through the log.
+    # The queue ID follows the message through the log (delivery logs just after the copy).
+    sent = rf"{queue_id}: to=<{re.escape(ALICE)}>.*status=sent"
+    deadline = time.monotonic() + 10
+    while not re.search(sent, gateway.log()) and time.monotonic() < deadline:
+        time.sleep(0.05)
     log = gateway.log()
     assert f"{queue_id}: message-id=<plain-delivery@remote.example>" in log
-    assert re.search(rf"{queue_id}: to=<{re.escape(ALICE)}>.*status=sent", log)
+    assert re.search(sent, log)
 
 
 def test_alias_expansion_and_unknown_user(gateway: Gateway) -> None:
