@@ -51,6 +51,7 @@ async def run_gateway(config: Config, *, ready: asyncio.Event | None = None) -> 
         spool,
         maildir,
         users,
+        concurrency=config.delivery_concurrency,
         is_local_domain=lambda domain: domain in local_domains or users.is_local_domain(domain),
     )
     context = ServerContext(

@@ -562,3 +562,44 @@ async def test_scan_now_outside_start_and_stop_is_ignored(harness: Harness) -> N
     agent.scan_now()
     await asyncio.sleep(0.1)
     assert harness.spool.list_ids() == [queue_id]
+
+
+async def test_progress_is_recorded_only_when_another_copy_follows(
+    harness: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    recorded: list[list[str]] = []
+    real_update = harness.spool.update_envelope
+
+    async def update(queue_id: str, envelope: SpoolEnvelope) -> None:
+        recorded.append(list(envelope.delivered))
+        await real_update(queue_id, envelope)
+
+    monkeypatch.setattr(harness.spool, "update_envelope", update)
+    agent = harness.agent()
+    await agent.start()
+    # One copy: remove() follows at once, so no rewrite of the spool file.
+    agent.submit(await harness.store(["bob@example.org"]))
+    await eventually(lambda: harness.spool.list_ids() == [])
+    assert recorded == []
+    # Three copies through an alias: recorded after the first two, not after the last.
+    agent.submit(await harness.store(["team@example.org"]))
+    await eventually(lambda: harness.spool.list_ids() == [])
+    assert recorded == [["bob@example.org"], ["bob@example.org", "carol@example.org"]]
+    assert len(harness.mailbox("dave@example.org")) == 1
+
+
+async def test_unrecorded_last_copy_is_kept_by_defer(harness: Harness) -> None:
+    # carol's mailbox fails after bob's copy, the last one written in this pass: the
+    # move to deferred/ must carry bob's copy, or the retry would write it again.
+    harness.maildir.fail["carol@example.org"] = 1
+    agent = harness.agent()
+    await agent.start()
+    agent.submit(await harness.store(["carol@example.org", "bob@example.org"]))
+    await eventually(lambda: harness.spool.list_ids() == [], within=10)
+    assert harness.maildir.calls.count("bob@example.org") == 1
+    assert len(harness.mailbox("bob@example.org")) == 1
+    assert len(harness.mailbox("carol@example.org")) == 1
+
+
+def test_default_concurrency_is_sixteen(harness: Harness) -> None:
+    assert harness.agent()._concurrency == 16

@@ -116,6 +116,7 @@ def test_full_disk_is_a_temporary_failure_and_leaves_no_file(
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(os, "write", full)
+    monkeypatch.setattr(os, "writev", full)
     with pytest.raises(DeliveryError, match="No space left") as caught:
         store.deliver("bob@example.org", MESSAGE, return_path="a@b")
     assert not caught.value.permanent
@@ -174,3 +175,58 @@ def test_hostname_separators_are_escaped(tmp_path: Path) -> None:
     store = MaildirStore(tmp_path, "odd/host:name")
     path = store.deliver("bob@example.org", MESSAGE, return_path="a@b")
     assert ".odd\\057host\\072name,S=" in path.name
+
+
+def test_concurrent_deliveries_share_the_new_directory_fsync(
+    store: MaildirStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import threading
+    import time
+
+    from mailgate.core.spool import maildir
+
+    store.deliver("bob@example.org", MESSAGE, return_path="a@b")  # the mailbox exists
+    new = store.root / "example.org" / "bob" / "new"
+    real = maildir._fsync_dir
+    events: list[tuple[str, int]] = []  # ("start"|"end", files in new/ when it happened)
+    lock = threading.Lock()
+
+    def slow_fsync(path: Path) -> None:
+        with lock:
+            events.append(("start", len(os.listdir(new))))
+        time.sleep(0.05)
+        real(path)
+        with lock:
+            events.append(("end", len(os.listdir(new))))
+
+    monkeypatch.setattr(maildir, "_fsync_dir", slow_fsync)
+    results: list[Path] = []
+
+    def deliver() -> None:
+        results.append(store.deliver("bob@example.org", MESSAGE, return_path="a@b"))
+
+    threads = [threading.Thread(target=deliver) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(results) == 8 and all(path.exists() for path in results)
+    starts = [count for kind, count in events if kind == "start"]
+    assert 1 <= len(starts) < 8  # shared, yet at least one ran after the renames
+    assert starts[-1] == 9  # the last fsync began after every rename
+
+
+def test_failed_new_directory_fsync_is_a_temporary_failure(
+    store: MaildirStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from mailgate.core.spool import maildir
+
+    store.deliver("bob@example.org", MESSAGE, return_path="a@b")
+
+    def failing(path: Path) -> None:
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(maildir, "_fsync_dir", failing)
+    with pytest.raises(DeliveryError, match="Input/output error") as caught:
+        store.deliver("bob@example.org", MESSAGE, return_path="a@b")
+    assert not caught.value.permanent

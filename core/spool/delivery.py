@@ -29,8 +29,9 @@ import functools
 import logging
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Protocol
+from typing import Protocol, TypeVar, TypeVarTuple, Unpack
 
 from mailgate.core.errors import DeliveryError, SpoolError
 from mailgate.core.spool.envelope import RecipientState, SpoolEnvelope
@@ -41,6 +42,17 @@ log = logging.getLogger("mailgate.delivery")
 RELAY_NOT_CONFIGURED = "outbound relay not configured"
 # Caps the backoff exponent so that a message retried for months cannot overflow a float.
 _MAX_DOUBLINGS = 30
+# Messages delivered at a time unless the caller says otherwise. Most of a delivery is
+# waiting for fsync, and the Maildir and spool directory fsyncs of concurrent deliveries
+# are shared, so more messages in flight mean fewer fsyncs per message.
+DEFAULT_CONCURRENCY = 16
+
+T = TypeVar("T")
+Ts = TypeVarTuple("Ts")
+
+
+class _LookupFailed(Exception):
+    """The user store failed while deciding whether a target is local (cause attached)."""
 
 
 class Resolver(Protocol):
@@ -61,12 +73,23 @@ class Mailboxes(Protocol):
     ) -> Path: ...
 
 
+def _undecided(envelope: SpoolEnvelope, target: str) -> bool:
+    """Whether ``target`` has no decision yet from an earlier attempt (may get a copy)."""
+    return not (
+        target in envelope.delivered or target in envelope.relay or target in envelope.bounced
+    )
+
+
 def _orig(rcpt: str, target: str) -> str:
     return "" if rcpt == target else f", orig_to=<{rcpt}>"
 
 
 class DeliveryAgent:
     """Delivers spooled messages with ``concurrency`` messages in flight at a time.
+
+    The blocking work (spool reads, user lookups, Maildir writes) runs on the agent's own
+    ``concurrency`` threads, so delivery never queues behind the SMTP sessions' lookups or
+    the spool's acceptance threads, nor they behind it.
 
     ``is_local_domain`` decides what an unknown recipient means: in a local domain it
     bounces (the user was removed after the message was accepted); elsewhere it is a
@@ -80,7 +103,7 @@ class DeliveryAgent:
         maildir: Mailboxes,
         resolver: Resolver,
         *,
-        concurrency: int = 4,
+        concurrency: int = DEFAULT_CONCURRENCY,
         retry_base: float = 60.0,
         retry_max: float = 3600.0,
         scan_interval: float = 300.0,
@@ -104,6 +127,7 @@ class DeliveryAgent:
         self._again: set[str] = set()
         self._timers: dict[str, asyncio.TimerHandle] = {}
         self._workers: list[asyncio.Task[None]] = []
+        self._executor: ThreadPoolExecutor | None = None
         self._scanner: asyncio.Task[None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._scan_task: asyncio.Task[None] | None = None
@@ -120,6 +144,9 @@ class DeliveryAgent:
         self._running = True
         self._stopping = False
         self._loop = asyncio.get_running_loop()
+        self._executor = ThreadPoolExecutor(
+            max_workers=self._concurrency, thread_name_prefix="mailgate-delivery"
+        )
         self._workers = [
             asyncio.create_task(self._worker(), name=f"mailgate-delivery-{n}")
             for n in range(self._concurrency)
@@ -156,7 +183,18 @@ class DeliveryAgent:
             self._queue.put_nowait(None)
         await asyncio.gather(*self._workers, return_exceptions=True)
         self._workers = []
+        if self._executor is not None:
+            # The workers are done; a cancelled scan may still finish a listing in a thread.
+            self._executor.shutdown(wait=False)
+            self._executor = None
         self._running = False
+
+    async def _blocking(self, fn: Callable[[Unpack[Ts]], T], *args: *Ts) -> T:
+        """Run blocking ``fn(*args)`` on the agent's threads (default pool if stopped)."""
+        executor = self._executor
+        if executor is None:
+            return await asyncio.to_thread(fn, *args)
+        return await asyncio.get_running_loop().run_in_executor(executor, fn, *args)
 
     def submit(self, queue_id: str) -> None:
         """Deliver ``queue_id`` soon (called right after Spool.store). Never blocks."""
@@ -206,7 +244,7 @@ class DeliveryAgent:
 
     async def _scan_incoming(self) -> None:
         try:
-            ids = await asyncio.to_thread(self._spool.list_ids, "incoming")
+            ids = await self._blocking(self._spool.list_ids, "incoming")
         except SpoolError as exc:
             log.warning("delivery: cannot scan the spool: %s", exc)
             return
@@ -227,10 +265,10 @@ class DeliveryAgent:
         self.submit(queue_id)
 
     async def _recover(self) -> None:
-        incoming = await asyncio.to_thread(self._spool.list_ids, "incoming")
+        incoming = await self._blocking(self._spool.list_ids, "incoming")
         for queue_id in incoming:
             self.submit(queue_id)
-        retry, waiting, corrupt = await asyncio.to_thread(self._scan_deferred)
+        retry, waiting, corrupt = await self._blocking(self._scan_deferred)
         now = time.time()
         for queue_id, when in retry:
             self._schedule(queue_id, when - now)
@@ -306,7 +344,7 @@ class DeliveryAgent:
 
     async def _process(self, queue_id: str) -> None:
         try:
-            envelope, content = await asyncio.to_thread(
+            envelope, content = await self._blocking(
                 functools.partial(self._spool.load, queue_id, include_held=False)
             )
         except NoSuchMessage:
@@ -334,8 +372,10 @@ class DeliveryAgent:
             )
         temporary = False
         binary = envelope.body_type == "BINARYMIME"
-        for rcpt in envelope.pending_recipients():
-            state = await self._deliver_recipient(queue_id, envelope, rcpt, content, binary)
+        pending = envelope.pending_recipients()
+        for index, rcpt in enumerate(pending):
+            last = index == len(pending) - 1
+            state = await self._deliver_recipient(queue_id, envelope, rcpt, content, binary, last)
             if state is None:
                 temporary = True
             else:
@@ -375,11 +415,20 @@ class DeliveryAgent:
             log.info("%s: removed", queue_id)
 
     async def _deliver_recipient(
-        self, queue_id: str, envelope: SpoolEnvelope, rcpt: str, content: bytes, binary: bool
+        self,
+        queue_id: str,
+        envelope: SpoolEnvelope,
+        rcpt: str,
+        content: bytes,
+        binary: bool,
+        last: bool = True,
     ) -> RecipientState | None:
-        """Deliver to every target of ``rcpt``: its final state, or None to retry later."""
+        """Deliver to every target of ``rcpt``: its final state, or None to retry later.
+
+        ``last`` says that no pending recipient follows this one in this pass.
+        """
         try:
-            targets = await asyncio.to_thread(self._resolver.resolve, rcpt)
+            targets = await self._blocking(self._resolver.resolve, rcpt)
             if targets is None:
                 if await self._local_domain(rcpt.rpartition("@")[2]):
                     return self._bounce(queue_id, envelope, rcpt, rcpt, "5.1.1 unknown user")
@@ -391,10 +440,15 @@ class DeliveryAgent:
             return None
         if not targets:
             return self._bounce(queue_id, envelope, rcpt, rcpt, "5.1.1 alias has no targets")
-        states = [
-            await self._deliver_target(queue_id, envelope, rcpt, target, content, binary)
-            for target in dict.fromkeys(targets)
-        ]
+        unique = list(dict.fromkeys(targets))
+        states = []
+        for index, target in enumerate(unique):
+            # Progress is recorded after a copy only if another copy may follow in this
+            # pass (see _deliver_target).
+            more = not last or any(_undecided(envelope, later) for later in unique[index + 1 :])
+            states.append(
+                await self._deliver_target(queue_id, envelope, rcpt, target, content, binary, more)
+            )
         if None in states:
             return None
         if "relay" in states:
@@ -409,7 +463,15 @@ class DeliveryAgent:
         target: str,
         content: bytes,
         binary: bool,
+        record: bool = True,
     ) -> RecipientState | None:
+        """Deliver one target; with ``record``, the copy is durably recorded before return.
+
+        Without ``record`` (no further copy follows in this pass) the copy is recorded by
+        what ends the pass: ``remove`` deletes the message, ``defer`` rewrites it with
+        this progress. A crash in between repeats this one copy, the same single-copy
+        window as a crash between the Maildir write and the progress record.
+        """
         # Decisions from an earlier attempt stand; above all a copy is never written twice.
         if target in envelope.delivered:
             return "sent"
@@ -418,9 +480,20 @@ class DeliveryAgent:
         if target in envelope.bounced:
             return "bounced"
         try:
-            local = await asyncio.to_thread(self._resolver.user_exists, target)
+            # The lookup and the Maildir write in one trip to a thread.
+            local = await self._blocking(
+                self._deliver_if_local, target, content, envelope.mail_from, binary
+            )
+        except _LookupFailed as exc:
+            self._defer(queue_id, envelope, rcpt, target, f"user lookup failed: {exc.__cause__}")
+            return None
+        except DeliveryError as exc:
+            if exc.permanent:
+                return self._bounce(queue_id, envelope, rcpt, target, str(exc))
+            self._defer(queue_id, envelope, rcpt, target, str(exc))
+            return None
         except Exception as exc:
-            self._defer(queue_id, envelope, rcpt, target, f"user lookup failed: {exc}")
+            self._defer(queue_id, envelope, rcpt, target, f"delivery failed: {exc!r}")
             return None
         if not local:
             envelope.relay[target] = rcpt
@@ -432,22 +505,6 @@ class DeliveryAgent:
                 RELAY_NOT_CONFIGURED,
             )
             return "relay"
-        try:
-            await asyncio.to_thread(
-                self._maildir.deliver,
-                target,
-                content,
-                return_path=envelope.mail_from,
-                binary=binary,
-            )
-        except DeliveryError as exc:
-            if exc.permanent:
-                return self._bounce(queue_id, envelope, rcpt, target, str(exc))
-            self._defer(queue_id, envelope, rcpt, target, str(exc))
-            return None
-        except Exception as exc:
-            self._defer(queue_id, envelope, rcpt, target, f"delivery failed: {exc!r}")
-            return None
         envelope.delivered.append(target)
         log.info(
             "%s: to=<%s>%s, status=sent (delivered to maildir)",
@@ -455,14 +512,28 @@ class DeliveryAgent:
             target,
             _orig(rcpt, target),
         )
-        # Recorded before the next copy is written, so a crash cannot repeat this one.
-        await self._spool.update_envelope(queue_id, envelope)
+        if record:
+            # Recorded before the next copy is written, so a crash cannot repeat this one.
+            await self._spool.update_envelope(queue_id, envelope)
         return "sent"
+
+    def _deliver_if_local(
+        self, target: str, content: bytes, return_path: str, binary: bool
+    ) -> bool:
+        """In a thread: False if ``target`` is no local user, else deliver a copy; True."""
+        try:
+            local = self._resolver.user_exists(target)
+        except Exception as exc:
+            raise _LookupFailed(str(exc)) from exc
+        if not local:
+            return False
+        self._maildir.deliver(target, content, return_path=return_path, binary=binary)
+        return True
 
     async def _local_domain(self, domain: str) -> bool:
         if self._is_local_domain is None:
             return False
-        return await asyncio.to_thread(self._is_local_domain, domain.lower())
+        return await self._blocking(self._is_local_domain, domain.lower())
 
     def _bounce(
         self, queue_id: str, envelope: SpoolEnvelope, rcpt: str, target: str, reason: str

@@ -2,7 +2,10 @@
 
 Each delivery follows the Maildir protocol: a unique name, the file written in ``tmp/``,
 fsync'd, renamed into ``new/``, and ``new/`` fsync'd, so a mailbox never shows a partial
-message and a delivered one survives a crash. Names are
+message and a delivered one survives a crash. The ``new/`` fsyncs of concurrent deliveries
+into one mailbox are shared by group commit: ``deliver`` returns only after an fsync of
+``new/`` that *started* after its rename has finished, and one such fsync covers every
+rename made before it began. Names are
 ``<sec>.M<usec>P<pid>Q<counter>.<host>,S=<size>`` (the ``,S=`` size is what Dovecot
 reads to skip a stat).
 
@@ -70,6 +73,7 @@ class MaildirStore:
         self._counter = itertools.count(1)
         self._lock = threading.Lock()
         self._ready: set[Path] = set()
+        self._syncs: dict[Path, _DirSync] = {}
 
     def mailbox_path(self, address: str) -> Path:
         """The Maildir of ``address``; DeliveryError (permanent) if it is no address."""
@@ -100,6 +104,8 @@ class MaildirStore:
             + _header_value(address).encode("utf-8", "surrogateescape")
             + eol
         )
+        # One pass for the line ends (none at all for BINARYMIME); headers and body go to
+        # the kernel in one writev, without joining them into another copy first.
         body = content if binary else content.replace(b"\r\n", b"\n")
         size = len(headers) + len(body)
         tmp_path: Path | None = None
@@ -107,14 +113,13 @@ class MaildirStore:
             tmp_path, fd = self._create_tmp(mailbox, size)
             final = mailbox / "new" / tmp_path.name
             try:
-                _write_all(fd, headers)
-                _write_all(fd, body)
+                _write_all(fd, (headers, body))
                 os.fsync(fd)
             finally:
                 os.close(fd)
             os.rename(tmp_path, final)
             tmp_path = None
-            _fsync_dir(mailbox / "new")
+            self._dir_sync(mailbox / "new").sync()
         except OSError as exc:
             if tmp_path is not None:
                 _unlink_quietly(tmp_path)
@@ -123,6 +128,13 @@ class MaildirStore:
                 permanent=exc.errno in _PERMANENT_ERRNOS,
             ) from exc
         return final
+
+    def _dir_sync(self, directory: Path) -> _DirSync:
+        with self._lock:
+            sync = self._syncs.get(directory)
+            if sync is None:
+                sync = self._syncs[directory] = _DirSync(directory)
+            return sync
 
     def _create_tmp(self, mailbox: Path, size: int) -> tuple[Path, int]:
         flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
@@ -176,11 +188,73 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _write_all(fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        written = os.write(fd, view)
-        view = view[written:]
+def _write_all(fd: int, parts: tuple[bytes, ...]) -> None:
+    views = [memoryview(part) for part in parts if part]
+    while views:
+        written = os.writev(fd, views)
+        while written:
+            if written >= len(views[0]):
+                written -= len(views.pop(0))
+            else:
+                views[0] = views[0][written:]
+                written = 0
+
+
+class _Round:
+    """One directory fsync: the tickets it covers, and how it ended."""
+
+    __slots__ = ("covers", "done", "error")
+
+    def __init__(self, covers: int) -> None:
+        self.covers = covers
+        self.done = threading.Event()
+        self.error: OSError | None = None
+
+
+class _DirSync:
+    """Group commit of one directory's fsync, for callers in threads.
+
+    A caller takes a ticket after its rename and returns once an fsync that started after
+    the ticket was taken has finished: that fsync covers the rename. While one fsync runs,
+    later callers wait and the next fsync, run by one of them, covers them all. A failed
+    fsync fails every caller it covered (their renames are not known to be durable).
+    """
+
+    def __init__(self, path: Path) -> None:
+        self._path = path
+        self._lock = threading.Lock()
+        self._requested = 0
+        self._current: _Round | None = None
+
+    def sync(self) -> None:
+        with self._lock:
+            self._requested += 1
+            ticket = self._requested
+        while True:
+            with self._lock:
+                current = self._current
+                leader = current is None
+                if current is None:
+                    current = self._current = _Round(self._requested)
+            if leader:
+                try:
+                    _fsync_dir(self._path)
+                except OSError as exc:
+                    current.error = exc
+                finally:
+                    with self._lock:
+                        self._current = None
+                    current.done.set()
+            else:
+                current.done.wait()
+            if current.covers >= ticket:
+                error = current.error
+                if error is not None:
+                    # A copy for each waiter: one exception object raised in many threads
+                    # would share (and garble) its traceback.
+                    raise OSError(error.errno, error.strerror, str(self._path)) from error
+                return
+            # That fsync began before our ticket was taken; ours is a later one.
 
 
 def _unlink_quietly(path: Path) -> None:

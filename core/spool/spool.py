@@ -244,7 +244,7 @@ class Spool:
     remove a file the server is writing.
     """
 
-    def __init__(self, root: Path, *, recover: bool = True, io_threads: int = 16) -> None:
+    def __init__(self, root: Path, *, recover: bool = True, io_threads: int = 64) -> None:
         self.root = Path(root)
         self.tmp_dir = self.root / "tmp"
         self.incoming_dir = self.root / "incoming"
@@ -257,7 +257,11 @@ class Spool:
             "hold": self.hold_dir,
         }
         self._io_threads = io_threads
-        self._executor: ThreadPoolExecutor | None = None
+        # Three pools, so that no kind of work waits behind another: acceptance (store and
+        # hold: write and fsync the new file), directory fsyncs (at most one in flight per
+        # directory, and every acceptance waits for one), and the rest (delivery's updates,
+        # moves and removals, which must not hold up acceptance).
+        self._executors: dict[str, ThreadPoolExecutor] = {}
         self._executor_lock = threading.Lock()
         self._tmp_seq = itertools.count()
         self._syncs = {
@@ -272,8 +276,9 @@ class Spool:
     def close(self) -> None:
         """Stop the I/O threads (after their current work). The spool stays usable."""
         with self._executor_lock:
-            executor, self._executor = self._executor, None
-        if executor is not None:
+            executors = list(self._executors.values())
+            self._executors.clear()
+        for executor in executors:
             executor.shutdown(wait=True)
 
     def _recover(self) -> None:
@@ -326,19 +331,25 @@ class Spool:
         except OSError as exc:
             raise _os_error("create", path, exc) from exc
 
-    def _pool(self) -> ThreadPoolExecutor:
+    def _pool(self, kind: str = "work") -> ThreadPoolExecutor:
         with self._executor_lock:
-            if self._executor is None:
-                self._executor = ThreadPoolExecutor(
-                    max_workers=self._io_threads, thread_name_prefix="mailgate-spool"
+            executor = self._executors.get(kind)
+            if executor is None:
+                threads = len(self._syncs) if kind == "dirsync" else self._io_threads
+                executor = self._executors[kind] = ThreadPoolExecutor(
+                    max_workers=threads, thread_name_prefix=f"mailgate-spool-{kind}"
                 )
-            return self._executor
+            return executor
 
     async def _run(self, fn: Callable[[Unpack[Ts]], T], *args: *Ts) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._pool(), fn, *args)
 
+    async def _run_accept(self, fn: Callable[[Unpack[Ts]], T], *args: *Ts) -> T:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._pool("accept"), fn, *args)
+
     async def _fsync_dir_async(self, path: Path) -> None:
-        await self._run(_fsync_dir, path)
+        await asyncio.get_running_loop().run_in_executor(self._pool("dirsync"), _fsync_dir, path)
 
     def _queue_dir(self, queue: QueueName) -> Path:
         return self._dirs[queue]
@@ -352,7 +363,7 @@ class Spool:
         """Accept a message: when this returns it is on disk and survives any crash."""
         queue_id = _checked_id(envelope.queue_id)
         header = _encode_header(envelope, memoryview(content).nbytes)
-        await self._run(self._write_new, queue_id, header, content, self.incoming_dir)
+        await self._run_accept(self._write_new, queue_id, header, content, self.incoming_dir)
         await self._syncs[self.incoming_dir].sync()
 
     async def hold(self, envelope: SpoolEnvelope, content: bytes | memoryview, reason: str) -> None:
@@ -367,7 +378,7 @@ class Spool:
         envelope.held_at = time.time()
         envelope.released_at = None
         header = _encode_header(envelope, memoryview(content).nbytes)
-        await self._run(self._write_new, queue_id, header, content, self.hold_dir)
+        await self._run_accept(self._write_new, queue_id, header, content, self.hold_dir)
         await self._syncs[self.hold_dir].sync()
 
     def _write_new(
