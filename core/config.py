@@ -258,7 +258,7 @@ class Config(BaseModel):
     milter_command_timeout: float = Field(default=30.0, gt=0)
     milter_content_timeout: float = Field(default=300.0, gt=0)
 
-    event_loop: Literal["asyncio", "uvloop"] = "asyncio"
+    event_loop: Literal["asyncio", "uvloop"] = "uvloop"
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
     @field_validator(

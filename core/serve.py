@@ -87,11 +87,12 @@ async def run_gateway(config: Config, *, ready: asyncio.Event | None = None) -> 
     write_pid_file(config)
     domains = ", ".join(config.local_domains) or "(none configured; see `mailgate domain add`)"
     log.info(
-        "mailgate ready (pid %d): hostname %s, data dir %s, local domains %s",
+        "mailgate ready (pid %d): hostname %s, data dir %s, local domains %s, event loop %s",
         os.getpid(),
         config.hostname,
         config.data_dir,
         domains,
+        config.event_loop,
     )
     if ready is not None:
         ready.set()

@@ -124,7 +124,7 @@ def make_gateway(tmp_path: Path, **settings: object) -> Gateway:
             "MAILGATE_SMTPS_LISTEN": f"127.0.0.1:{ports['smtps']}",
             "MAILGATE_LOCAL_DOMAINS": DOMAIN,
             "MAILGATE_LOG_LEVEL": "INFO",
-            "MAILGATE_EVENT_LOOP": os.environ.get("MG_TEST_EVENT_LOOP", "asyncio"),
+            "MAILGATE_EVENT_LOOP": os.environ.get("MG_TEST_EVENT_LOOP", "uvloop"),
         }
     )
     for key, value in settings.items():
