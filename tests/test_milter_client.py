@@ -598,3 +598,86 @@ def test_peer_logs_are_quiet_about_protocol_errors(peers: PeerSet) -> None:
     # libmilter logs through syslog; what lands here is only Python's stderr.
     for name in peers.specs:
         assert "Traceback" not in peers.log(name), peers.log(name)
+
+
+# -- no-reply events are coalesced --------------------------------------------------------
+
+
+async def test_no_reply_events_go_out_with_the_next_awaited_frame() -> None:
+    """With NR_HDR, NR_EOH and NR_BODY the headers, end of headers and body chunks need no
+    answer: they reach the milter together with end of message, in order, and the
+    client awaits exactly one reply for them (a client that waited would time out)."""
+    await _no_reply_exchange()
+
+
+def test_no_reply_exchange_on_uvloop() -> None:
+    """The client's protocol and timer work on uvloop too (its transports are not
+    asyncio.Transport subclasses)."""
+    uvloop = pytest.importorskip("uvloop")
+    uvloop.run(_no_reply_exchange())
+
+
+async def _no_reply_exchange() -> None:
+    from mailgate.core.milter.codec import RequestDecoder, encode
+
+    flags = p.SMFIP_NR_HDR | p.SMFIP_NR_EOH | p.SMFIP_NR_BODY
+    seen: list[ev.Request] = []
+    reads_before_eom: list[int] = []
+
+    async def peer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        decoder = RequestDecoder()
+        reads = 0
+        while True:
+            data = await reader.read(1 << 20)
+            if not data:
+                break
+            reads += 1
+            for frame in decoder.feed(data):
+                seen.append(frame)
+                if isinstance(frame, ev.OptionNegotiation):
+                    reply: ev.Response = ev.NegotiationReply(6, p.SMFIF_ADDHDRS, flags)
+                elif isinstance(frame, ev.EndOfMessage):
+                    reads_before_eom.append(reads)
+                    writer.write(encode(ev.AddHeader("X-Seen", "yes")))
+                    reply = ev.Continue()
+                elif isinstance(frame, ev.Mail | ev.Rcpt | ev.Data):
+                    reply = ev.Continue()
+                else:
+                    continue  # no reply due
+                writer.write(encode(reply))
+                reads = 0
+        writer.close()
+
+    server = await asyncio.start_server(peer, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    async with server:
+        conn = MilterConnection("nr", f"inet:{port}@127.0.0.1", content_timeout=2)
+        await conn.open()
+        assert conn.protocol & flags == flags
+        assert (await conn.mail(["<a@example.net>"])).decision == ev.Continue()
+        headers = [SUBJECT, ("To", " <b@example.test>"), ("X-Long", " a\r\n b")]
+        outcome = await conn.message(headers, b"line\r\n", eoh_macros=[("i", "Q1")])
+        assert outcome.complete and outcome.decision == ev.Continue()
+        assert outcome.modifications == (ev.AddHeader("X-Seen", "yes"),)
+        # A body larger than the coalescing limit goes out in several writes, whole.
+        body = b"x" * 70_000 * 10
+        outcome = await conn.message([SUBJECT], body)
+        assert outcome.complete and outcome.decision == ev.Continue()
+        await conn.close()
+    kinds = [type(frame).__name__ for frame in seen]
+    first = kinds.index("Mail") + 1
+    assert kinds[first : first + 8] == [
+        "Header",
+        "Header",
+        "Header",
+        "DefineMacros",
+        "EndOfHeaders",
+        "BodyChunk",
+        "EndOfMessage",
+        "Header",
+    ]
+    assert ev.Header("X-Long", "a\n b") in seen
+    chunks = [frame.data for frame in seen if isinstance(frame, ev.BodyChunk)]
+    assert chunks[0] == b"line\r\n" and b"".join(chunks[1:]) == body
+    assert all(len(chunk) <= p.MILTER_CHUNK_SIZE for chunk in chunks)
+    assert reads_before_eom[0] == 1  # the first message arrived in one write

@@ -122,6 +122,8 @@ class _Member:
     hold: str | None = None
     #: Saw events of the current message and has not finished it (needs an ABORT).
     dirty: bool = False
+    #: Macro names per stage, fixed once the milter has negotiated (see ``_names``).
+    names: dict[MacroStage, Sequence[str]] = field(default_factory=dict)
 
     @property
     def name(self) -> str:
@@ -138,6 +140,8 @@ class _Transaction:
 
 
 Send = Callable[[_Member], Awaitable[Outcome]]
+#: Expanded macros of one stage call, by (stage, id of the name list).
+_MacroCache = dict[tuple[str, int], tuple[tuple[str, str], ...]]
 
 
 class MilterChain:
@@ -187,11 +191,12 @@ class MilterChain:
         if hostname == "unknown" and address:
             hostname = f"[{address}]"
         port = info.client_port if family in ("inet", "inet6") else 0
+        cache: _MacroCache = {}
 
         async def send(member: _Member) -> Outcome:
             await member.conn.open()
             member.state = _State.ENVELOPE
-            macros = self._macros(member, "connect", info)
+            macros = self._macros(member, "connect", info, cache)
             return await member.conn.connect(hostname, _FAMILIES[family], port, address, macros)
 
         return await self._stage("connect", send, session_level=True, states=(_State.CLOSED,))
@@ -201,9 +206,10 @@ class MilterChain:
         self._require_connected()
         await self.abort()
         name = info.helo or ""
+        cache: _MacroCache = {}
 
         async def send(member: _Member) -> Outcome:
-            return await member.conn.helo(name, self._macros(member, "helo", info))
+            return await member.conn.helo(name, self._macros(member, "helo", info, cache))
 
         return await self._stage("helo", send, session_level=True)
 
@@ -224,10 +230,11 @@ class MilterChain:
         await self.abort()
         txn = self._txn = _Transaction(bare_address(sender), quarantine=self._session_hold)
         args = (f"<{txn.sender}>", *params)
+        cache: _MacroCache = {}
 
         async def send(member: _Member) -> Outcome:
             member.dirty = True
-            return await member.conn.mail(args, self._macros(member, "mail", info))
+            return await member.conn.mail(args, self._macros(member, "mail", info, cache))
 
         result = await self._stage("mail", send)
         if result.refused:
@@ -244,10 +251,11 @@ class MilterChain:
         address = bare_address(recipient)
         txn.last_recipient = address
         args = (f"<{address}>", *params)
+        cache: _MacroCache = {}
 
         async def send(member: _Member) -> Outcome:
             member.dirty = True
-            return await member.conn.rcpt(args, self._macros(member, "rcpt", info))
+            return await member.conn.rcpt(args, self._macros(member, "rcpt", info, cache))
 
         result = await self._stage("rcpt", send)
         if not result.refused:
@@ -267,7 +275,7 @@ class MilterChain:
         for member in self._members:
             if member.state is not _State.ENVELOPE or not member.conn.wants_rejected_recipients:
                 continue
-            names = stage_names("rcpt", member.conn.macro_lists, member.spec.macros)
+            names = self._names(member, "rcpt")
             member.dirty = True
             try:
                 await member.conn.rcpt((f"<{address}>", *params), expand(names, info, context))
@@ -280,8 +288,10 @@ class MilterChain:
         if txn.discarded:
             return self._with_hold(StageResult("discard"))
 
+        cache: _MacroCache = {}
+
         async def send(member: _Member) -> Outcome:
-            return await member.conn.data(self._macros(member, "data", info))
+            return await member.conn.data(self._macros(member, "data", info, cache))
 
         return await self._stage("data", send)
 
@@ -298,6 +308,7 @@ class MilterChain:
         txn = self._require_transaction()
         editor = MessageEditor(list(headers), body, txn.sender, list(txn.recipients))
         verdict: StageResult | None = None
+        cache: _MacroCache = {}
         if txn.discarded:
             verdict = StageResult("discard")
         else:
@@ -307,7 +318,7 @@ class MilterChain:
                     if verdict is not None:
                         break
                     continue
-                verdict = await self._message_to(member, editor, info, txn)
+                verdict = await self._message_to(member, editor, info, cache)
                 if verdict is not None:
                     break
         result = self._with_hold(verdict or self._pass_result())
@@ -331,11 +342,10 @@ class MilterChain:
         )
 
     async def _message_to(
-        self, member: _Member, editor: MessageEditor, info: SessionInfo, txn: _Transaction
+        self, member: _Member, editor: MessageEditor, info: SessionInfo, cache: _MacroCache
     ) -> StageResult | None:
-        context = MacroContext(txn.sender, txn.last_recipient)
-        eoh = expand(stage_names("eoh", member.conn.macro_lists, member.spec.macros), info, context)
-        eom = expand(stage_names("eom", member.conn.macro_lists, member.spec.macros), info, context)
+        eoh = self._macros(member, "eoh", info, cache)
+        eom = self._macros(member, "eom", info, cache)
         member.dirty = True
         try:
             outcome = await member.conn.message(
@@ -505,13 +515,29 @@ class MilterChain:
 
     # -- helpers -------------------------------------------------------------------------------
 
+    @staticmethod
+    def _names(member: _Member, stage: MacroStage) -> Sequence[str]:
+        """The milter's macro list for ``stage``; it cannot change after negotiation."""
+        names = member.names.get(stage)
+        if names is None:
+            names = stage_names(stage, member.conn.macro_lists, member.spec.macros)
+            if member.conn.version:
+                member.names[stage] = names
+        return names
+
     def _macros(
-        self, member: _Member, stage: MacroStage, info: SessionInfo
+        self, member: _Member, stage: MacroStage, info: SessionInfo, cache: _MacroCache
     ) -> tuple[tuple[str, str], ...]:
-        names = stage_names(stage, member.conn.macro_lists, member.spec.macros)
-        txn = self._txn
-        context = MacroContext(txn.sender if txn else None, txn.last_recipient if txn else None)
-        return expand(names, info, context)
+        """Macro values for one stage call; milters with the same list share the values
+        (``cache`` lives for one stage of one SMTP command)."""
+        names = self._names(member, stage)
+        key = (stage, id(names))
+        values = cache.get(key)
+        if values is None:
+            txn = self._txn
+            context = MacroContext(txn.sender if txn else None, txn.last_recipient if txn else None)
+            values = cache[key] = expand(names, info, context)
+        return values
 
     def _note_hold(self, member: _Member, reason: str) -> None:
         # Outside a transaction (CONNECT, HELO) a hold applies to every message to come.

@@ -11,9 +11,13 @@ message, and a quarantine reason if it sent one.
 Timeouts follow Postfix: ``connect_timeout`` for the connection, ``command_timeout`` for
 every wait during negotiation and the envelope stages, ``content_timeout`` for every wait
 while the message goes out. Each timeout covers one write or one reply, so SMFIR_PROGRESS
-starts the clock again. A timeout, a closed socket, a malformed frame or a reply out of
-place raises ``MilterFailure``; the connection is then dropped and every later call raises
-again, so the chain can apply the milter's default action.
+starts the clock again. A write waits only while the socket's buffer is above its
+high-water mark; frames of message events the milter wants no reply to (SMFIP_NR_HDR,
+NR_EOH, NR_BODY) are held back and written together with the next frame that expects one.
+
+A timeout, a closed socket, a malformed frame or a reply out of place raises
+``MilterFailure``; the connection is then dropped and every later call raises again, so
+the chain can apply the milter's default action.
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ import re
 from collections import deque
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, cast
 
 from mailgate.core.milter import events as ev
 from mailgate.core.milter import protocol as p
@@ -37,8 +41,10 @@ log = logging.getLogger("mailgate.milter")
 
 Macros = Sequence[tuple[str, str]]
 
-_READ_SIZE = 65536
 _CLOSE_WAIT = 1.0
+#: Frames of events that need no reply are held back and go out with the next frame that
+#: does, up to this many bytes (then they are written at once).
+_COALESCE_LIMIT = 256 * 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,6 +105,7 @@ class Outcome:
 
 
 _NOTHING = Outcome()
+_CONTINUED = Outcome(ev.Continue())
 
 
 def _version_events(version: int) -> int:
@@ -112,6 +119,114 @@ def _version_events(version: int) -> int:
 
 def _is_final(decision: ev.Decision | None) -> bool:
     return decision is not None and not isinstance(decision, ev.Continue | ev.Skip)
+
+
+class _Wire(asyncio.Protocol):
+    """The socket side of one connection: bytes in go straight into the reply decoder,
+    bytes out go straight to the transport.
+
+    One task at a time waits on it (``wait``), for a reply or for the write buffer to
+    drain, until a deadline. The deadline is kept by one lazily re-armed timer instead of
+    a timer per wait: setting a later deadline costs nothing, and the timer, when it fires
+    early, moves itself to the current deadline.
+    """
+
+    def __init__(self, decoder: ReplyDecoder) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._decoder = decoder
+        self.transport: asyncio.Transport | None = None
+        self.inbox: deque[ev.Response] = deque()
+        #: Why no more replies will come: a malformed stream, EOF, a lost connection.
+        self.read_error: BaseException | None = None
+        #: Set once the connection is gone: writing is pointless.
+        self.lost = False
+        self.paused = False
+        self._waiter: asyncio.Future[None] | None = None
+        self._deadline = 0.0
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_when = 0.0
+
+    # -- asyncio.Protocol -----------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports do not derive from asyncio.Transport: no isinstance here.
+        self.transport = cast(asyncio.Transport, transport)
+
+    def data_received(self, data: bytes) -> None:
+        if self.read_error is not None:
+            return
+        try:
+            frames = self._decoder.feed(data)
+        except MilterProtocolError as exc:
+            self.read_error = exc
+            if self.transport is not None:
+                self.transport.pause_reading()
+            self._wake()
+            return
+        if frames:
+            self.inbox.extend(frames)
+            self._wake()
+
+    def eof_received(self) -> bool:
+        if self.read_error is None:
+            self.read_error = ConnectionError("connection closed by the milter")
+        self._wake()
+        return True  # keep our side open for writing, as StreamReaderProtocol does
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.lost = True
+        self.paused = False
+        if self.read_error is None:
+            self.read_error = exc or ConnectionError("connection closed by the milter")
+        self._wake()
+        self.cancel_timer()
+
+    def pause_writing(self) -> None:
+        self.paused = True
+
+    def resume_writing(self) -> None:
+        self.paused = False
+        self._wake()
+
+    # -- waiting --------------------------------------------------------------------------
+
+    def _wake(self) -> None:
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    async def wait(self, timeout: float) -> None:
+        """Until something happens on the connection, or TimeoutError after ``timeout``."""
+        loop = self._loop
+        deadline = self._deadline = loop.time() + timeout
+        if self._timer is None:
+            self._timer_when = deadline
+            self._timer = loop.call_at(deadline, self._on_timer)
+        elif self._timer_when > deadline:
+            self._timer.cancel()
+            self._timer_when = deadline
+            self._timer = loop.call_at(deadline, self._on_timer)
+        waiter = self._waiter = loop.create_future()
+        try:
+            await waiter
+        finally:
+            self._waiter = None
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        waiter = self._waiter
+        if waiter is None or waiter.done():
+            return  # nobody waits: the next wait arms a new timer
+        if self._deadline <= self._timer_when:
+            waiter.set_exception(TimeoutError())
+        else:
+            self._timer_when = self._deadline
+            self._timer = self._loop.call_at(self._deadline, self._on_timer)
+
+    def cancel_timer(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
 
 
 class MilterConnection:
@@ -136,10 +251,12 @@ class MilterConnection:
         self.content_timeout = content_timeout
         self.offered_actions = actions
         self.offered_protocol = protocol
-        self._reader: asyncio.StreamReader | None = None
-        self._writer: asyncio.StreamWriter | None = None
+        self._wire: _Wire | None = None
+        self._transport: asyncio.Transport | None = None
         self._decoder = ReplyDecoder(max_frame)
-        self._inbox: deque[ev.Response] = deque()
+        #: Frames of no-reply events not written yet (see ``_COALESCE_LIMIT``).
+        self._pending: list[bytes] = []
+        self._pending_size = 0
         self._failure: MilterFailure | None = None
         self._skip_code: bytes | None = None
         self._not_in_version = 0
@@ -154,7 +271,7 @@ class MilterConnection:
 
     @property
     def is_open(self) -> bool:
-        return self._writer is not None and self._failure is None
+        return self._transport is not None and self._failure is None
 
     @property
     def failure(self) -> MilterFailure | None:
@@ -173,17 +290,23 @@ class MilterConnection:
 
     async def open(self) -> None:
         """Connect and negotiate; MilterFailure if the milter cannot be used."""
-        if self._writer is not None or self._failure is not None:
+        if self._transport is not None or self._failure is not None:
             raise RuntimeError(f"milter {self.name}: connection already used")
         with self._guard("connecting", io_kind="connect"):
+            loop = asyncio.get_running_loop()
+            decoder = self._decoder
+
+            def factory() -> _Wire:
+                return _Wire(decoder)
+
             async with asyncio.timeout(self.connect_timeout):
                 if self.socket.family == "unix":
-                    reader, writer = await asyncio.open_unix_connection(self.socket.path)
+                    transport, wire = await loop.create_unix_connection(factory, self.socket.path)
                 else:
-                    reader, writer = await asyncio.open_connection(
-                        self.socket.host, self.socket.port
+                    transport, wire = await loop.create_connection(
+                        factory, self.socket.host, self.socket.port
                     )
-            self._reader, self._writer = reader, writer
+            self._transport, self._wire = transport, wire
         with self._guard("negotiating"):
             offer = ev.OptionNegotiation(
                 p.SMFI_PROT_VERSION, self.offered_actions, self.offered_protocol
@@ -228,16 +351,19 @@ class MilterConnection:
 
     async def close(self) -> None:
         """Say QUIT if the connection is still sound, then close; never raises."""
-        writer, self._writer, self._reader = self._writer, None, None
-        if writer is None:
+        transport, self._transport = self._transport, None
+        wire, self._wire = self._wire, None
+        if transport is None or wire is None:
             return
         if self._failure is None:
             with contextlib.suppress(Exception):
-                writer.write(encode(ev.Quit()))
-        writer.close()
+                self._take_pending()
+                transport.write(encode(ev.Quit()))
+        transport.close()
         with contextlib.suppress(Exception):
-            async with asyncio.timeout(_CLOSE_WAIT):
-                await writer.wait_closed()
+            while not wire.lost:
+                await wire.wait(_CLOSE_WAIT)
+        wire.cancel_timer()
 
     # -- envelope events --------------------------------------------------------------------
 
@@ -249,34 +375,45 @@ class MilterConnection:
         else:
             request = ev.Connect(_clean(hostname), family, port, _clean(address))
         return await self._event(
-            request, p.SMFIP_NOCONNECT, p.SMFIP_NR_CONN, macros, self.command_timeout
+            request,
+            p.SMFIC_CONNECT,
+            p.SMFIP_NOCONNECT,
+            p.SMFIP_NR_CONN,
+            macros,
+            self.command_timeout,
         )
 
     async def helo(self, name: str, macros: Macros = ()) -> Outcome:
         return await self._event(
-            ev.Helo(_clean(name)), p.SMFIP_NOHELO, p.SMFIP_NR_HELO, macros, self.command_timeout
+            ev.Helo(_clean(name)),
+            p.SMFIC_HELO,
+            p.SMFIP_NOHELO,
+            p.SMFIP_NR_HELO,
+            macros,
+            self.command_timeout,
         )
 
     async def mail(self, args: Sequence[str], macros: Macros = ()) -> Outcome:
         request = ev.Mail(tuple(_clean(arg) for arg in args))
         return await self._event(
-            request, p.SMFIP_NOMAIL, p.SMFIP_NR_MAIL, macros, self.command_timeout
+            request, p.SMFIC_MAIL, p.SMFIP_NOMAIL, p.SMFIP_NR_MAIL, macros, self.command_timeout
         )
 
     async def rcpt(self, args: Sequence[str], macros: Macros = ()) -> Outcome:
         request = ev.Rcpt(tuple(_clean(arg) for arg in args))
         return await self._event(
-            request, p.SMFIP_NORCPT, p.SMFIP_NR_RCPT, macros, self.command_timeout
+            request, p.SMFIC_RCPT, p.SMFIP_NORCPT, p.SMFIP_NR_RCPT, macros, self.command_timeout
         )
 
     async def data(self, macros: Macros = ()) -> Outcome:
         return await self._event(
-            ev.Data(), p.SMFIP_NODATA, p.SMFIP_NR_DATA, macros, self.command_timeout
+            ev.Data(), p.SMFIC_DATA, p.SMFIP_NODATA, p.SMFIP_NR_DATA, macros, self.command_timeout
         )
 
     async def unknown(self, command: str, macros: Macros = ()) -> Outcome:
         return await self._event(
             ev.Unknown(_clean(command)),
+            p.SMFIC_UNKNOWN,
             p.SMFIP_NOUNKNOWN,
             p.SMFIP_NR_UNKN,
             macros,
@@ -304,35 +441,55 @@ class MilterConnection:
         the milter decides before the end. ``headers`` hold values in wire form (leading
         space and CRLF folding kept); ``body`` is the body in wire form (CRLF lines,
         not dot-stuffed).
+
+        Frames of events whose reply the milter switched off (SMFIP_NR_HDR, NR_EOH,
+        NR_BODY) are not written one by one: they go out together with the next frame
+        that expects a reply, at the latest with end of message.
         """
         timeout = self.content_timeout
         quarantine: str | None = None
+        event = self._event
         for name, value in headers:
-            outcome = await self._event(
+            outcome = await event(
                 ev.Header(_clean(name), self._header_value(value)),
+                p.SMFIC_HEADER,
                 p.SMFIP_NOHDRS,
                 p.SMFIP_NR_HDR,
                 None,
                 timeout,
+                hold=True,
             )
-            quarantine = quarantine or outcome.quarantine
-            if _is_final(outcome.decision):
-                return Outcome(outcome.decision, quarantine=quarantine)
-        outcome = await self._event(
-            ev.EndOfHeaders(), p.SMFIP_NOEOH, p.SMFIP_NR_EOH, eoh_macros, timeout
+            if outcome is not _NOTHING:
+                quarantine = quarantine or outcome.quarantine
+                if _is_final(outcome.decision):
+                    return Outcome(outcome.decision, quarantine=quarantine)
+        outcome = await event(
+            ev.EndOfHeaders(),
+            p.SMFIC_EOH,
+            p.SMFIP_NOEOH,
+            p.SMFIP_NR_EOH,
+            eoh_macros,
+            timeout,
+            hold=True,
         )
         quarantine = quarantine or outcome.quarantine
         if _is_final(outcome.decision):
             return Outcome(outcome.decision, quarantine=quarantine)
-        for start in range(0, len(body), p.MILTER_CHUNK_SIZE):
+        size = p.MILTER_CHUNK_SIZE
+        for start in range(0, len(body), size):
             if self._skip_code == p.SMFIC_BODY:
                 break
-            chunk = ev.BodyChunk(body[start : start + p.MILTER_CHUNK_SIZE])
-            outcome = await self._event(chunk, p.SMFIP_NOBODY, p.SMFIP_NR_BODY, None, timeout)
-            quarantine = quarantine or outcome.quarantine
-            if _is_final(outcome.decision):
-                return Outcome(outcome.decision, quarantine=quarantine)
-        outcome = await self._event(ev.EndOfMessage(), 0, 0, eom_macros, timeout, final=True)
+            chunk = ev.BodyChunk(body[start : start + size])
+            outcome = await event(
+                chunk, p.SMFIC_BODY, p.SMFIP_NOBODY, p.SMFIP_NR_BODY, None, timeout, hold=True
+            )
+            if outcome is not _NOTHING:
+                quarantine = quarantine or outcome.quarantine
+                if _is_final(outcome.decision):
+                    return Outcome(outcome.decision, quarantine=quarantine)
+        outcome = await event(
+            ev.EndOfMessage(), p.SMFIC_BODYEOB, 0, 0, eom_macros, timeout, final=True
+        )
         return Outcome(
             outcome.decision,
             outcome.modifications,
@@ -343,8 +500,10 @@ class MilterConnection:
     def _header_value(self, value: str) -> str:
         # Sendmail (and Postfix) send folded headers with bare LF between the lines and,
         # unless the milter asked for HDR_LEADSPC, without the one space after the colon.
-        value = _clean(value).replace("\r\n", "\n")
-        if not self.leading_space and value.startswith(" "):
+        value = _clean(value)
+        if "\r\n" in value:
+            value = value.replace("\r\n", "\n")
+        if value[:1] == " " and not self.protocol & p.SMFIP_HDR_LEADSPC:
             value = value[1:]
         return value
 
@@ -353,41 +512,65 @@ class MilterConnection:
     async def _event(
         self,
         request: ev.Request,
+        code: bytes,
         no_send: int,
         no_reply: int,
         macros: Macros | None,
         timeout: float,
         *,
         final: bool = False,
+        hold: bool = False,
     ) -> Outcome:
-        self._check_usable()
-        with self._guard(f"at {type(request).__name__}"):
+        """Send one event (``code`` is its command code) with its macros and await the
+        reply unless none is due. With ``hold``, a frame that expects no reply is kept
+        back for the next write (the caller must end with an event that is awaited)."""
+        if self._failure is not None or self._transport is None:
+            self._check_usable()
+        try:
             frame = encode(request)
-            code = frame[4:5]
             if no_send & self._not_in_version:
                 return _NOTHING
             if self._skip_code is not None:
                 if code == self._skip_code:
                     return _NOTHING
                 self._skip_code = None
-            out = []
+            protocol = self.protocol
             # Macros go out even for an event the milter switched off, as Postfix does:
             # a later callback may still ask for them.
             if macros:
-                out.append(encode(ev.DefineMacros(code, tuple(macros))))
-            if not no_send & self.protocol:
-                out.append(frame)
-            if out:
-                await self._write(b"".join(out), timeout)
-            if no_send & self.protocol or no_reply & self.protocol:
+                frame = encode(ev.DefineMacros(code, tuple(macros))) + (
+                    b"" if no_send & protocol else frame
+                )
+            elif no_send & protocol:
                 return _NOTHING
+            if no_send & protocol or no_reply & protocol:
+                if hold:
+                    self._pending.append(frame)
+                    self._pending_size += len(frame)
+                    if self._pending_size >= _COALESCE_LIMIT:
+                        await self._write(b"", timeout)
+                else:
+                    await self._write(frame, timeout)
+                return _NOTHING
+            await self._write(frame, timeout)
             return await self._collect(code, timeout, final)
+        except BaseException as exc:
+            failure = self._convert(exc, f"at {type(request).__name__}")
+            if failure is None:
+                raise
+            raise failure from None
 
     async def _collect(self, code: bytes, timeout: float, final: bool) -> Outcome:
         modifications: list[ev.Modification] = []
         quarantine: str | None = None
         while True:
             reply = await self._receive(timeout)
+            if reply.__class__ is ev.Continue:
+                return (
+                    _CONTINUED
+                    if not (modifications or quarantine)
+                    else Outcome(reply, tuple(modifications), quarantine)
+                )
             if isinstance(reply, ev.Progress):
                 continue
             if isinstance(reply, ev.Quarantine):
@@ -409,30 +592,48 @@ class MilterConnection:
 
     # -- bytes ------------------------------------------------------------------------------
 
+    def _take_pending(self) -> bytes:
+        data = b"".join(self._pending)
+        self._pending.clear()
+        self._pending_size = 0
+        return data
+
     async def _write(self, data: bytes, timeout: float) -> None:
-        writer = self._writer
-        if writer is None:
+        """Write ``data`` after any held-back frames. Waits only while the transport's
+        buffer is above its high-water mark (``timeout`` applies to that wait)."""
+        transport = self._transport
+        wire = self._wire
+        if transport is None or wire is None:
             raise ConnectionError("not connected")
-        writer.write(data)
-        async with asyncio.timeout(timeout):
-            await writer.drain()
+        if self._pending:
+            data = self._take_pending() + data
+        if wire.lost:
+            raise ConnectionResetError("Connection lost")
+        if data:
+            transport.write(data)
+        while wire.paused:
+            await wire.wait(timeout)
+        if transport.is_closing() and not wire.lost:
+            # A failed send closes the transport; let connection_lost run (as drain does).
+            await asyncio.sleep(0)
+        if wire.lost:
+            raise ConnectionResetError("Connection lost")
 
     async def _receive(self, timeout: float) -> ev.Response:
-        reader = self._reader
-        if reader is None:
+        wire = self._wire
+        if wire is None:
             raise ConnectionError("not connected")
-        async with asyncio.timeout(timeout):
-            while not self._inbox:
-                data = await reader.read(_READ_SIZE)
-                if not data:
-                    raise ConnectionError("connection closed by the milter")
-                self._inbox.extend(self._decoder.feed(data))
-        return self._inbox.popleft()
+        inbox = wire.inbox
+        while not inbox:
+            if wire.read_error is not None:
+                raise wire.read_error
+            await wire.wait(timeout)
+        return inbox.popleft()
 
     def _check_usable(self) -> None:
         if self._failure is not None:
             raise MilterFailure(self.name, self._failure.kind, self._failure.reason)
-        if self._writer is None:
+        if self._transport is None:
             raise MilterFailure(self.name, "io", "not connected")
 
     @contextlib.contextmanager
@@ -440,27 +641,42 @@ class MilterConnection:
         """Turn every way a milter can fail into MilterFailure, dropping the connection."""
         try:
             yield
-        except MilterFailure as exc:
+        except BaseException as exc:
+            failure = self._convert(exc, doing, io_kind)
+            if failure is None:
+                raise
+            raise failure from None
+
+    def _convert(
+        self, exc: BaseException, doing: str, io_kind: FailureKind = "io"
+    ) -> MilterFailure | None:
+        """Drop the connection after ``exc``; the MilterFailure to raise instead of it, or
+        None when ``exc`` itself is to be raised again."""
+        if isinstance(exc, MilterFailure):
             self._fail(exc)
-            raise
-        except TimeoutError:
-            raise self._fail(MilterFailure(self.name, "timeout", f"timeout {doing}")) from None
-        except MilterProtocolError as exc:
-            raise self._fail(MilterFailure(self.name, "protocol", f"{exc} ({doing})")) from None
-        except (OSError, EOFError, ValueError) as exc:
+            return None
+        if isinstance(exc, TimeoutError):
+            return self._fail(MilterFailure(self.name, "timeout", f"timeout {doing}"))
+        if isinstance(exc, MilterProtocolError):
+            return self._fail(MilterFailure(self.name, "protocol", f"{exc} ({doing})"))
+        if isinstance(exc, OSError | EOFError | ValueError):
             reason = f"{exc or type(exc).__name__} ({doing})"
-            raise self._fail(MilterFailure(self.name, io_kind, reason)) from None
-        except BaseException:
-            # Cancelled half-way through an exchange: the stream is out of step for good.
-            self._fail(MilterFailure(self.name, "io", f"cancelled {doing}"))
-            raise
+            return self._fail(MilterFailure(self.name, io_kind, reason))
+        # Cancelled half-way through an exchange: the stream is out of step for good.
+        self._fail(MilterFailure(self.name, "io", f"cancelled {doing}"))
+        return None
 
     def _fail(self, failure: MilterFailure) -> MilterFailure:
         if self._failure is None:
             self._failure = failure
-        writer, self._writer, self._reader = self._writer, None, None
-        if writer is not None:
-            writer.transport.abort()
+        transport, self._transport = self._transport, None
+        wire, self._wire = self._wire, None
+        self._pending.clear()
+        self._pending_size = 0
+        if transport is not None:
+            transport.abort()
+        if wire is not None:
+            wire.cancel_timer()
         return failure
 
 
