@@ -8,20 +8,35 @@ libmilter and Python share the process like this. ``smfi_main`` blocks the threa
 calls it, and blocks SIGHUP, SIGTERM and SIGINT in that thread (and the threads it starts)
 for a sigwait() thread of its own that *stops the milter* on any of the three, SIGHUP
 included. So libmilter runs in a worker thread and the main thread keeps the signals
-unblocked: Linux hands a process-directed signal to the main thread whenever that thread
-can take it, so Python's handlers see SIGHUP (reload) and SIGTERM/SIGINT (stop). Should
-libmilter's thread ever win a signal anyway, the milter stops and the runner exits as if
-told to stop; the supervisor (`mailgate serve`) restarts it.
+unblocked for Python's handlers: SIGHUP reloads, SIGTERM/SIGINT stop.
+
+Keeping them unblocked is not enough. While it waits, the sigwait() thread takes the
+three signals too, and Linux hands a process-directed signal to that thread whenever the
+main thread cannot take it at that instant: a signal already pending for it (a SIGHUP
+followed closely by a SIGTERM, say) or all signals blocked for a moment (as while it
+starts a thread). The milter then stops at once: a SIGHUP ends the daemon, a SIGTERM drops
+the messages in progress. So once libmilter has started, the runner parks that thread:
+a private real-time signal sent to it alone runs ``pause()`` as the handler, where it
+sleeps with the three signals blocked (its own mask) for the rest of the process. From
+then on every libmilter thread blocks them and only the runner's threads can take them:
+none is ever lost. Where parking is impossible (no ``/proc``, an unexpected thread
+layout) the runner says so and runs as before; should the milter then stop without
+being asked, the runner says that too and exits with status 75, for the supervisor
+(`mailgate serve`) to start the daemon again. ``MAILGATE_MILTER_SIGNAL_THREAD=keep``
+leaves libmilter's thread alone on purpose.
 
 On SIGTERM/SIGINT the runner first lets messages in progress get their verdict (up to
 ``--shutdown-grace``), since libmilter drops every open session the moment it stops. Then
 it calls ``smfi_stop``, which waits for libmilter's accept loop to re-check (every 5 s),
 so it runs on a helper thread while the runner connects to its own socket to wake the loop.
+A second SIGTERM/SIGINT ends either wait at once. If libmilter has still not stopped after
+``STOP_TIMEOUT`` the process ends with ``os._exit`` rather than hang.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import errno
 import importlib.util
 import logging
@@ -55,6 +70,14 @@ DEFAULT_SOCKET_MODE = 0o660
 DEFAULT_SHUTDOWN_GRACE = 5.0
 # How long the runner keeps waking libmilter's accept loop before giving up on a clean stop.
 STOP_TIMEOUT = 10.0
+# How often the main loop checks on libmilter's thread, wake-up byte or not.
+WATCH_INTERVAL = 1.0
+# How long start-up waits for libmilter's signal thread to appear and to be parked.
+SIGNAL_THREAD_TIMEOUT = 5.0
+# The exit status when libmilter stopped without being asked (EX_TEMPFAIL): restart me.
+EXIT_MILTER_STOPPED = 75
+# "keep": leave libmilter's signal thread alone (see the module docstring).
+SIGNAL_THREAD_ENV = "MAILGATE_MILTER_SIGNAL_THREAD"
 _MILTER_ENDED = b"\0"
 
 
@@ -238,7 +261,8 @@ def _load(path: Path, daemon: str) -> RuleSet:
     from mailgate.policies.rules import RuleError, load_rules
 
     try:
-        ruleset = load_rules(path)
+        # The test cases' message files belong to `mailgate rules test`, not to the policy.
+        ruleset = load_rules(path, check_test_files=False)
     except RuleError as exc:
         raise DaemonError(f"{path}: invalid rules", list(exc.problems) or [str(exc)]) from None
     except OSError as exc:
@@ -303,6 +327,123 @@ class RuleBook:
         )
 
 
+# -- libmilter's signal thread ------------------------------------------------------------
+
+# The signals libmilter's own sigwait() thread waits for: any of them stops the milter.
+_LIBMILTER_SIGNALS = (signal.SIGHUP, signal.SIGTERM, signal.SIGINT)
+_LIBMILTER_MASK = sum(1 << (signum - 1) for signum in _LIBMILTER_SIGNALS)
+# Sent to that thread alone to park it; nothing else in the process uses it.
+PARK_SIGNAL = signal.SIGRTMAX
+
+
+class SignalThreadError(Exception):
+    """libmilter's signal thread cannot be found or parked."""
+
+
+def _blocked(tid: int) -> int | None:
+    """The signal mask of one thread of this process; None once the thread is gone."""
+    try:
+        with open(f"/proc/self/task/{tid}/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("SigBlk:"):
+                    return int(line.split()[1], 16)
+    except (OSError, ValueError):
+        return None
+    return None
+
+
+def _sigwaiting_threads() -> list[int]:
+    """The threads, other than Python's, that have SIGHUP, SIGTERM and SIGINT unblocked.
+
+    Every thread libmilter starts inherits the three blocked, except its signal thread
+    while it sits in sigwait(), which unblocks what it waits for during the wait.
+    """
+    ours = {thread.native_id for thread in threading.enumerate()}
+    found = []
+    try:
+        names = os.listdir("/proc/self/task")
+    except OSError as exc:
+        raise SignalThreadError(f"cannot list this process's threads: {exc}") from None
+    for name in names:
+        tid = int(name)
+        if tid in ours:
+            continue
+        blocked = _blocked(tid)
+        if blocked is not None and blocked & _LIBMILTER_MASK == 0:
+            found.append(tid)
+    return found
+
+
+def _find_signal_thread(milter: threading.Thread, timeout: float) -> int:
+    """Wait for libmilter's sigwait() thread (smfi_main starts it first); return its id."""
+    deadline = time.monotonic() + timeout
+    while True:
+        found = _sigwaiting_threads()
+        if len(found) == 1:
+            return found[0]
+        if not milter.is_alive():
+            raise SignalThreadError("libmilter ended before its signal thread was found")
+        if time.monotonic() > deadline:
+            if found:
+                raise SignalThreadError(
+                    f"{len(found)} threads wait for the signals, not one "
+                    f"({', '.join(map(str, sorted(found)))})"
+                )
+            raise SignalThreadError(
+                f"no thread of libmilter waits for the signals after {timeout:g}s"
+            )
+        time.sleep(0.005)
+
+
+def _park(tid: int, timeout: float) -> None:
+    """Park libmilter's signal thread for good, in a ``pause()`` run as a signal handler.
+
+    The handler runs with the thread's own mask, which blocks SIGHUP, SIGTERM and SIGINT
+    (libmilter blocked them before starting it), so no signal ever wakes it again and it
+    never returns to sigwait(). The handler is installed only for the moment the private
+    signal is in flight, with that signal blocked in the main thread meanwhile.
+    """
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        sig_handler = libc.signal
+        tgkill = libc.tgkill
+        pause = ctypes.cast(libc.pause, ctypes.c_void_p).value
+    except (OSError, AttributeError) as exc:
+        raise SignalThreadError(f"the C library lacks what parking needs: {exc}") from None
+    sig_handler.restype = ctypes.c_void_p
+    sig_handler.argtypes = [ctypes.c_int, ctypes.c_void_p]
+    tgkill.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int]
+    sig_err = ctypes.c_void_p(-1).value
+    sig_ign = 1
+    park_bit = 1 << (PARK_SIGNAL - 1)
+    main_mask = signal.pthread_sigmask(signal.SIG_BLOCK, {PARK_SIGNAL})
+    try:
+        previous = sig_handler(PARK_SIGNAL, pause)
+        if previous == sig_err:
+            raise SignalThreadError(f"cannot set a handler: {os.strerror(ctypes.get_errno())}")
+        try:
+            if tgkill(os.getpid(), tid, PARK_SIGNAL) != 0:
+                raise SignalThreadError(f"cannot signal it: {os.strerror(ctypes.get_errno())}")
+            deadline = time.monotonic() + timeout
+            while True:
+                blocked = _blocked(tid)
+                if blocked is None:
+                    raise SignalThreadError("it ended (it took a signal first)")
+                # In the handler: the private signal blocked on top of the thread's mask.
+                if blocked & park_bit and blocked & _LIBMILTER_MASK == _LIBMILTER_MASK:
+                    return
+                if time.monotonic() > deadline:
+                    raise SignalThreadError(f"it did not take the parking signal in {timeout:g}s")
+                time.sleep(0.002)
+        finally:
+            # Ignoring first discards the parking signal should it still be pending, so
+            # the default action (the end of the process) can never meet it.
+            sig_handler(PARK_SIGNAL, sig_ign)
+            sig_handler(PARK_SIGNAL, previous)
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, main_mask)
+
+
 # -- the runner ---------------------------------------------------------------------------
 
 
@@ -329,6 +470,7 @@ class Runner:
         self.log = log or logging.getLogger(f"mailgate.milters.{entry.name}")
         self._stop_requested = False
         self._thread_error: str | None = None
+        self._milter_returned = False
         self._socket_inode: int | None = None
 
     def run(self) -> int:
@@ -375,14 +517,23 @@ class Runner:
             return 1
         thread = threading.Thread(target=self._serve, args=(wake_w,), name="libmilter", daemon=True)
         thread.start()
+        # Before "ready": from then on a signal reaches the runner, whoever sent it.
+        parking = self._park_signal_thread(thread)
         self.log.info(
             "ready on %s: daemon %s, rules %s",
             self.options.socket,
             self.entry.name,
             rules.describe(),
         )
+        self._report_parking(parking, thread)
         self._main_loop(wake_r, rules, thread)
-        return self._shutdown(wake_r, rules, thread, context)
+        status = self._shutdown(wake_r, rules, thread, context)
+        if thread.is_alive() and not self._milter_returned:
+            # libmilter would not stop: end here rather than risk the interpreter's
+            # shutdown waiting on (or running callbacks for) a libmilter still at work.
+            logging.shutdown()
+            os._exit(status)
+        return status
 
     # -- start --------------------------------------------------------------------------
 
@@ -424,14 +575,42 @@ class Runner:
             self._socket_inode = spec.path.stat().st_ino
 
     def _serve(self, wake_w: int) -> None:
-
         try:
             Milter.main()
         except Milter.error as exc:
             self._thread_error = str(exc)
         finally:
+            # The flag, not the thread's end, tells the main loop libmilter returned: the
+            # thread may still be winding down when the main loop reads the byte.
+            self._milter_returned = True
             with contextlib.suppress(OSError):
                 os.write(wake_w, _MILTER_ENDED)
+
+    def _park_signal_thread(self, thread: threading.Thread) -> int | str:
+        """Park libmilter's signal thread; its thread id, or why it stays as it is."""
+        if os.environ.get(SIGNAL_THREAD_ENV, "").strip().lower() == "keep":
+            return f"{SIGNAL_THREAD_ENV}=keep"
+        try:
+            tid = _find_signal_thread(thread, SIGNAL_THREAD_TIMEOUT)
+            _park(tid, SIGNAL_THREAD_TIMEOUT)
+        except SignalThreadError as exc:
+            return str(exc)
+        return tid
+
+    def _report_parking(self, outcome: int | str, thread: threading.Thread) -> None:
+        if isinstance(outcome, int):
+            self.log.debug(
+                "libmilter's signal thread %d is parked; SIGHUP, SIGTERM and SIGINT reach "
+                "only the runner",
+                outcome,
+            )
+        elif thread.is_alive() and not self._milter_returned:
+            self.log.warning(
+                "libmilter's signal thread is not parked (%s): a SIGHUP, SIGTERM or SIGINT "
+                "it takes stops the milter, and the daemon then exits with status %d",
+                outcome,
+                EXIT_MILTER_STOPPED,
+            )
 
     # -- signals ------------------------------------------------------------------------
 
@@ -463,15 +642,14 @@ class Runner:
             return []
 
     def _main_loop(self, wake_r: int, rules: RuleBook, thread: threading.Thread) -> None:
-        while True:
-            for byte in self._signals(wake_r, None):
+        # The timeout is a watchdog: the end of libmilter is noticed even without its byte.
+        while thread.is_alive() and not self._milter_returned:
+            for byte in self._signals(wake_r, WATCH_INTERVAL):
                 if byte == signal.SIGHUP:
                     rules.reload()
                 elif byte in (signal.SIGTERM, signal.SIGINT):
                     self._stop_requested = True
                     self.log.info("%s: stopping", signal.Signals(byte).name)
-                    return
-                elif byte == _MILTER_ENDED[0] and not thread.is_alive():
                     return
 
     # -- stop ---------------------------------------------------------------------------
@@ -495,7 +673,7 @@ class Runner:
                 waiting,
                 "s" if waiting != 1 else "",
             )
-        while context.in_flight.count > 0 and thread.is_alive():
+        while context.in_flight.count > 0 and thread.is_alive() and not self._milter_returned:
             left = deadline - time.monotonic()
             if left <= 0:
                 self.log.warning(
@@ -516,26 +694,59 @@ class Runner:
     def _shutdown(
         self, wake_r: int, rules: RuleBook, thread: threading.Thread, context: DaemonContext
     ) -> int:
-
         status = 0
+        if not self._stop_requested:
+            # libmilter returned; a stop signal that came with its end still counts.
+            for byte in self._signals(wake_r, 0):
+                if byte in (signal.SIGTERM, signal.SIGINT):
+                    self._stop_requested = True
+                    self.log.info("%s: stopping", signal.Signals(byte).name)
+                    break
         if self._stop_requested:
             self._drain(wake_r, rules, thread, context)
-            threading.Thread(target=Milter.stop, name="milter-stop", daemon=True).start()
-            deadline = time.monotonic() + STOP_TIMEOUT
-            while thread.is_alive() and time.monotonic() < deadline:
-                self._wake_listener()
-                thread.join(0.05)
-            if thread.is_alive():
-                self.log.error("libmilter did not stop within %.0fs", STOP_TIMEOUT)
+            if not self._stop_milter(wake_r, thread):
+                self.log.error(
+                    "libmilter did not stop within %.0fs; ending the process", STOP_TIMEOUT
+                )
                 status = 1
-        elif self._thread_error:
-            self.log.error("libmilter failed: %s", self._thread_error)
-            status = 1
         else:
-            self.log.warning("libmilter stopped on its own (it took a termination signal)")
+            # Returned (or returning) by itself: give the thread a moment to wind down.
+            thread.join(STOP_TIMEOUT)
+            if self._thread_error:
+                self.log.error("libmilter failed: %s", self._thread_error)
+                status = 1
+            else:
+                self.log.error(
+                    "libmilter stopped without being asked to (most likely its own signal "
+                    "thread took a SIGHUP, SIGTERM or SIGINT meant for the runner); exiting "
+                    "with status %d so that the daemon is started again",
+                    EXIT_MILTER_STOPPED,
+                )
+                status = EXIT_MILTER_STOPPED
         self._remove_socket()
         self.log.info("stopped: %s", context.stats.summary())
         return status
+
+    def _stop_milter(self, wake_r: int, thread: threading.Thread) -> bool:
+        """smfi_stop, then wake libmilter's accept loop until it returns.
+
+        True once libmilter has returned, or when a second SIGTERM/SIGINT says not to wait;
+        False when it has not returned within STOP_TIMEOUT.
+        """
+        if not thread.is_alive() or self._milter_returned:
+            return True
+        threading.Thread(target=Milter.stop, name="milter-stop", daemon=True).start()
+        deadline = time.monotonic() + STOP_TIMEOUT
+        while thread.is_alive() and not self._milter_returned:
+            if time.monotonic() >= deadline:
+                return False
+            self._wake_listener()
+            for byte in self._signals(wake_r, 0.05):
+                if byte in (signal.SIGTERM, signal.SIGINT):
+                    self.log.info("%s again: not waiting for libmilter", signal.Signals(byte).name)
+                    return True
+        thread.join(1.0)
+        return True
 
     def _wake_listener(self) -> None:
         """Connect once to our own socket: libmilter's accept loop then sees the stop."""

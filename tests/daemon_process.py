@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import ctypes
 import os
 import signal
 import subprocess
@@ -127,9 +129,55 @@ class Daemon:
         try:
             return self.process.wait(timeout)
         except subprocess.TimeoutExpired:
+            threads = self.thread_report()
             os.killpg(self.process.pid, signal.SIGKILL)
             self.process.wait()
-            raise AssertionError(f"daemon did not stop within {timeout}s:\n{self.log()}") from None
+            raise AssertionError(
+                f"daemon did not stop within {timeout}s:\n{self.log()}\nits threads:\n{threads}"
+            ) from None
+
+    # -- threads and thread-directed signals ------------------------------------------------
+
+    def threads(self) -> dict[int, dict[str, str]]:
+        """The daemon's threads: id -> the fields of /proc/PID/task/ID/status (and wchan)."""
+        assert self.process is not None
+        found: dict[int, dict[str, str]] = {}
+        task_dir = Path(f"/proc/{self.process.pid}/task")
+        for task in task_dir.iterdir():
+            try:
+                text = (task / "status").read_text()
+                wchan = (task / "wchan").read_text().strip()
+            except OSError:
+                continue  # gone meanwhile
+            fields = dict(line.split(":\t", 1) for line in text.splitlines() if ":\t" in line)
+            fields["wchan"] = wchan
+            found[int(task.name)] = fields
+        return found
+
+    def thread_report(self) -> str:
+        """One line per thread: state, blocked/pending signal masks, where it sleeps."""
+        try:
+            threads = self.threads()
+        except OSError as exc:
+            return f"(no thread list: {exc})"
+        return "\n".join(
+            f"  {tid}: {f.get('State', '?')} SigBlk={f.get('SigBlk', '?')} "
+            f"SigPnd={f.get('SigPnd', '?')} ShdPnd={f.get('ShdPnd', '?')} wchan={f['wchan']}"
+            for tid, f in sorted(threads.items())
+        )
+
+    def signal_thread(self, tid: int, signum: int) -> None:
+        """tgkill: ``signum`` to one thread of the daemon, as if the kernel had picked it."""
+        assert self.process is not None
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.tgkill(self.process.pid, tid, signum) != 0:
+            errno = ctypes.get_errno()
+            raise OSError(errno, os.strerror(errno), f"tgkill {tid}")
+
+    def signal_every_thread(self, signum: int) -> None:
+        for tid in self.threads():
+            with contextlib.suppress(ProcessLookupError):  # the thread ended meanwhile
+                self.signal_thread(tid, signum)
 
     def wait_exit(self, timeout: float = 15.0) -> int:
         assert self.process is not None

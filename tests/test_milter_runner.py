@@ -7,6 +7,7 @@ process, against a stand-in for libmilter's connection context.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
 import signal
@@ -44,7 +45,7 @@ from daemon_milter_client import (
     MilterSession,
     run_message,
 )
-from daemon_process import Daemon, run_cli
+from daemon_process import Daemon, clean_env, run_cli
 
 REJECT_SUBJECT = """\
 daemon: content
@@ -426,6 +427,161 @@ def test_grace_period_bounds_the_wait(tmp_path: Path) -> None:
     assert "1 message still in progress after 0.5s; the MTA applies its default action" in (
         proc.log()
     )
+
+
+# -- signals and libmilter's own signal thread ------------------------------------------------
+#
+# libmilter starts a sigwait() thread that stops the milter on SIGHUP, SIGTERM or SIGINT.
+# The runner parks it, so the kernel can give those signals only to the runner, whichever
+# thread it would have picked. Before that, a SIGHUP that reached libmilter's thread
+# stopped the daemon, and a SIGTERM that did dropped the messages in progress.
+
+# The three signals libmilter's thread waits for, as bits of a /proc signal mask.
+LIBMILTER_MASK = sum(1 << (signum - 1) for signum in (signal.SIGHUP, signal.SIGTERM, signal.SIGINT))
+
+
+def _sigwaiting(proc: Daemon) -> list[int]:
+    """Threads other than the main one that have all three unblocked (in sigwait())."""
+    assert proc.process is not None
+    return [
+        tid
+        for tid, fields in proc.threads().items()
+        if tid != proc.process.pid and int(fields["SigBlk"], 16) & LIBMILTER_MASK == 0
+    ]
+
+
+def test_no_libmilter_thread_is_left_waiting_for_the_signals(daemon: Daemon) -> None:
+    assert "libmilter's signal thread" in daemon.log()
+    assert "is parked" in daemon.log()
+    assert _sigwaiting(daemon) == [], daemon.thread_report()
+
+
+def test_sighup_to_every_thread_reloads_and_never_stops(daemon: Daemon) -> None:
+    """Whichever thread the kernel picks for a SIGHUP, it is a reload, never a stop."""
+    assert daemon.rules is not None
+    rules_file(daemon.rules, "ham")
+    start = len(daemon.log())
+    daemon.signal_every_thread(signal.SIGHUP)
+    daemon.wait_for("reloaded rules", after=start)
+    # libmilter still serves, with the new rules, and the daemon is still there.
+    assert run_message(daemon.address, message=subject("ham")).action == "reject"
+    assert run_message(daemon.address, message=subject("spam")).action == "accept"
+    assert daemon.process is not None and daemon.process.poll() is None
+    assert daemon.stop() == 0
+    assert "without being asked" not in daemon.log()
+
+
+def test_sigterm_to_every_thread_lets_the_message_in_flight_finish(daemon: Daemon) -> None:
+    with MilterSession(daemon.address) as session:
+        _start_message(session)
+        daemon.wait_for("mail from=<a@remote.example>")
+        daemon.signal_every_thread(signal.SIGTERM)
+        daemon.wait_for("waiting up to 5s for 1 message in progress")
+        session._send(b"E")
+        reply = session._reply(collect=True)
+    assert reply.text.startswith("550 5.7.1 no spam here")
+    assert daemon.wait_exit() == 0
+    log = daemon.log()
+    assert "SIGTERM: stopping" in log
+    assert "stopped: 1 message: reject=1" in log
+
+
+STRESS_DAEMONS = 6
+
+
+def test_signals_back_to_back_under_load_reach_the_runner(tmp_path: Path) -> None:
+    """Stress: a SIGHUP and a SIGTERM sent together, to daemons each with a message in flight.
+
+    The second signal finds the main thread with one already pending, so the kernel offers
+    it to another thread that can take it; libmilter's sigwait() thread could, and stopped
+    the milter. Before the fix most of these messages were dropped; now every one gets its
+    verdict and every daemon stops cleanly.
+    """
+    daemons = [
+        Daemon(
+            "content",
+            f"unix:{tmp_path / f'd{n}' / 'c.sock'}",
+            tmp_path / f"d{n}.log",
+            rules=rules_file(tmp_path / f"r{n}.yaml", "spam"),
+        )
+        for n in range(STRESS_DAEMONS)
+    ]
+    sessions: list[MilterSession] = []
+    try:
+        for proc in daemons:
+            proc.start(wait_ready=False)
+        for proc in daemons:
+            proc.wait_for("ready on", 20)
+            session = MilterSession(proc.address)
+            sessions.append(session)
+            _start_message(session)
+        for proc in daemons:
+            proc.wait_for("mail from=<a@remote.example>")
+        for proc in daemons:
+            assert proc.process is not None
+            # SIGSTOP/SIGCONT around the pair for half of them: both signals then wait
+            # for whichever thread runs first (as after a stall on a loaded machine).
+            stall = daemons.index(proc) % 2 == 1
+            if stall:
+                proc.process.send_signal(signal.SIGSTOP)
+            proc.process.send_signal(signal.SIGHUP)
+            proc.process.send_signal(signal.SIGTERM)
+            if stall:
+                proc.process.send_signal(signal.SIGCONT)
+        outcomes = []
+        for proc, session in zip(daemons, sessions, strict=True):
+            with contextlib.suppress(AssertionError):
+                proc.wait_for("waiting up to 5s for 1 message in progress", 3)
+            try:
+                session._send(b"E")
+                text = session._reply(collect=True).text
+            except OSError as exc:
+                text = f"no verdict: {exc!r}"
+            outcomes.append((text[:3], proc.wait_exit()))
+        logs = "\n".join(proc.log() for proc in daemons)
+        assert outcomes == [("550", 0)] * STRESS_DAEMONS, logs
+        assert logs.count("SIGTERM: stopping") == STRESS_DAEMONS, logs
+        assert "without being asked" not in logs
+    finally:
+        for session in sessions:
+            session.sock.close()
+        for proc in daemons:
+            if proc.process is not None and proc.process.poll() is None:
+                proc.process.kill()
+                proc.process.wait()
+
+
+def test_libmilter_stopping_by_itself_exits_for_a_restart(tmp_path: Path) -> None:
+    """Left alone (MAILGATE_MILTER_SIGNAL_THREAD=keep), libmilter's thread can take a
+    SIGHUP and stop the milter: the runner notices, says so and exits with status 75, for
+    the supervisor to start the daemon again."""
+    proc = Daemon(
+        "content",
+        f"unix:{tmp_path / 'c.sock'}",
+        tmp_path / "d.log",
+        rules=rules_file(tmp_path / "r.yaml", "spam"),
+        env=clean_env(MAILGATE_MILTER_SIGNAL_THREAD="keep"),
+    )
+    proc.start()
+    try:
+        assert "signal thread is not parked (MAILGATE_MILTER_SIGNAL_THREAD=keep)" in proc.log()
+        deadline = time.monotonic() + 5
+        while not (waiting := _sigwaiting(proc)) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert len(waiting) == 1, proc.thread_report()
+        proc.signal_thread(waiting[0], signal.SIGHUP)
+        # A connection wakes libmilter's accept loop, which then sees it must stop.
+        with contextlib.suppress(OSError), socket.socket(socket.AF_UNIX) as poke:
+            poke.connect(str(proc.address))
+        assert proc.wait_exit(10) == 75
+    finally:
+        if proc.process is not None and proc.process.poll() is None:
+            proc.process.kill()
+            proc.process.wait()
+    log = proc.log()
+    assert "libmilter stopped without being asked to" in log
+    assert "exiting with status 75" in log
+    assert "Traceback" not in log
 
 
 # -- the adapter's error handling, in process ------------------------------------------------
