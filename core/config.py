@@ -467,7 +467,9 @@ def load_config(
 
 
 # Variables with the prefix that configure tooling rather than the gateway itself.
-_ENV_NOT_SETTINGS = frozenset({"MAILGATE_CONFIG", "MAILGATE_RULES_DIR"})
+_ENV_NOT_SETTINGS = frozenset(
+    {"MAILGATE_CONFIG", "MAILGATE_RULES_DIR", "MAILGATE_MILTER_SIGNAL_THREAD"}
+)
 
 
 def _describe(
