@@ -24,7 +24,7 @@ def _mailgate() -> str:
         return str(beside)
     found = shutil.which("mailgate")
     if found is None:
-        pytest.skip("the mailgate console script is not installed")
+        pytest.fail("the mailgate console script is not installed (run ./bootstrap.sh test)")
     return found
 
 

@@ -11,6 +11,7 @@ leaves the decoder unusable (a byte stream cannot be resynchronised after a bad 
 from __future__ import annotations
 
 import struct
+from abc import ABC, abstractmethod
 from collections.abc import Callable
 from typing import Generic, TypeVar
 
@@ -206,7 +207,7 @@ class _Payload:
 _Frame = TypeVar("_Frame")
 
 
-class _FrameDecoder(Generic[_Frame]):
+class _FrameDecoder(ABC, Generic[_Frame]):
     """Splits a byte stream into frames and hands each payload to ``_parse``."""
 
     def __init__(self, max_frame: int = DEFAULT_MAX_FRAME) -> None:
@@ -252,8 +253,9 @@ class _FrameDecoder(Generic[_Frame]):
         del buffer[:pos]
         return frames
 
+    @abstractmethod
     def _parse(self, code: bytes, payload: bytes) -> _Frame:
-        raise NotImplementedError
+        """Turn one frame's code and payload into its event (each direction has its own)."""
 
 
 # Responses without payload: one shared instance each, and the code of each class.
