@@ -17,7 +17,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-import yaml
 from pydantic import (
     BaseModel,
     BeforeValidator,
@@ -29,6 +28,7 @@ from pydantic import (
 )
 
 from mailgate.core.errors import ConfigError
+from mailgate.policies.yamllines import YamlSyntaxError, load_with_lines
 
 ENV_PREFIX = "MAILGATE_"
 _SIZE_UNITS = {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3}
@@ -358,40 +358,12 @@ def flag_name(field: str) -> str:
 # -- reading the sources ---------------------------------------------------------------
 
 
-class _LineLoader(yaml.SafeLoader):
-    """A safe loader that remembers the line of every mapping key and sequence item."""
-
-
 def _yaml_with_lines(text: str, filename: str) -> tuple[Any, dict[tuple[Any, ...], int]]:
-    lines: dict[tuple[Any, ...], int] = {}
-
-    def walk(node: yaml.Node, path: tuple[Any, ...]) -> None:
-        lines.setdefault(path, node.start_mark.line + 1)
-        if isinstance(node, yaml.MappingNode):
-            for key_node, value_node in node.value:
-                key = key_node.value
-                lines[(*path, key)] = key_node.start_mark.line + 1
-                walk(value_node, (*path, key))
-        elif isinstance(node, yaml.SequenceNode):
-            for index, item in enumerate(node.value):
-                lines[(*path, index)] = item.start_mark.line + 1
-                walk(item, (*path, index))
-
     try:
-        loader = _LineLoader(text)
-        try:
-            root = loader.get_single_node()
-            if root is None:
-                return {}, lines
-            walk(root, ())
-            data = loader.construct_document(root)
-        finally:
-            loader.dispose()
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f"{filename}:{mark.line + 1}" if mark is not None else filename
-        problem = getattr(exc, "problem", None) or str(exc)
-        raise ConfigError([f"{where}: invalid YAML: {problem}"]) from None
+        data, lines, _ = load_with_lines(text)
+    except YamlSyntaxError as exc:
+        where = f"{filename}:{exc.line}" if exc.line is not None else filename
+        raise ConfigError([f"{where}: invalid YAML: {exc.problem}"]) from None
     return data, lines
 
 

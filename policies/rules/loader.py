@@ -22,8 +22,8 @@ from pydantic import ValidationError
 from mailgate.policies.rules.engine import RuleSet
 from mailgate.policies.rules.errors import RuleError
 from mailgate.policies.rules.schema import BARE_ACTIONS, DAEMONS, RuleFileSpec, known_keys
+from mailgate.policies.yamllines import YamlPath, YamlSyntaxError, load_with_lines
 
-YamlPath = tuple[Any, ...]
 _KNOWN_KEYS = sorted(known_keys())
 
 
@@ -98,42 +98,15 @@ Problem = tuple[int, str]
 
 
 def _read_yaml(text: str, filename: str) -> tuple[Any, dict[YamlPath, int], list[Problem]]:
-    lines: dict[YamlPath, int] = {}
-    problems: list[Problem] = []
-
-    def walk(node: yaml.Node, path: YamlPath) -> None:
-        lines.setdefault(path, node.start_mark.line + 1)
-        if isinstance(node, yaml.MappingNode):
-            seen: set[Any] = set()
-            for key_node, value_node in node.value:
-                key = key_node.value
-                line = key_node.start_mark.line + 1
-                if key in seen:
-                    # PyYAML would silently keep the last value; an operator never means that.
-                    problems.append((line, f"{_field_path((*path, key))}: duplicate key {key!r}"))
-                seen.add(key)
-                lines[(*path, key)] = line
-                walk(value_node, (*path, key))
-        elif isinstance(node, yaml.SequenceNode):
-            for index, item in enumerate(node.value):
-                lines[(*path, index)] = item.start_mark.line + 1
-                walk(item, (*path, index))
-
     try:
-        loader = _RuleLoader(text)
-        try:
-            root = loader.get_single_node()
-            if root is None:
-                return None, lines, problems
-            walk(root, ())
-            data = loader.construct_document(root)
-        finally:
-            loader.dispose()
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f"{filename}:{mark.line + 1}" if mark is not None else filename
-        problem = getattr(exc, "problem", None) or str(exc)
-        raise RuleError([f"{where}: invalid YAML: {problem}"]) from None
+        data, lines, duplicates = load_with_lines(text, _RuleLoader)
+    except YamlSyntaxError as exc:
+        where = f"{filename}:{exc.line}" if exc.line is not None else filename
+        raise RuleError([f"{where}: invalid YAML: {exc.problem}"]) from None
+    # PyYAML would silently keep the last value of a repeated key; an operator never means that.
+    problems: list[Problem] = [
+        (line, f"{_field_path(path)}: duplicate key {path[-1]!r}") for line, path in duplicates
+    ]
     return data, lines, problems
 
 
