@@ -16,6 +16,14 @@ tempfail               setreply(4xx, enhanced, text), TEMPFAIL
 discard                DISCARD (modifications are moot)
 =====================  ================================================================
 
+A daemon that must answer before end-of-message (a DNSBL at connect, greylisting or a
+quota at RCPT) names those stages in :meth:`PolicyMilter.reply_stages` and implements the
+matching ``at_*`` hook. Those stages are then negotiated with replies. An early verdict
+that rejects or tempfails is answered at once (at RCPT it refuses that recipient only);
+one that quarantines or discards takes effect at end-of-message, since the milter
+protocol allows those actions only there; header changes an early verdict asks for are
+kept and made at end-of-message too.
+
 No Python exception escapes a callback: it is logged with its traceback and the message
 is answered TEMPFAIL (at once where the stage has a reply, else at end-of-message).
 """
@@ -27,7 +35,7 @@ import re
 import threading
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Protocol
+from typing import Any, ClassVar, Literal, Protocol
 
 import Milter
 
@@ -50,6 +58,15 @@ _NO_REPLY = (
 )
 # Stages with nothing to gather are not sent at all.
 _NOT_SENT = Milter.P_NODATA | Milter.P_NOUNKNOWN
+
+# The stages at which a daemon may answer before end-of-message, and their no-reply bits.
+Stage = Literal["connect", "helo", "mail", "rcpt"]
+_STAGE_NO_REPLY: dict[str, int] = {
+    "connect": Milter.P_NR_CONN,
+    "helo": Milter.P_NR_HELO,
+    "mail": Milter.P_NR_MAIL,
+    "rcpt": Milter.P_NR_RCPT,
+}
 
 DEFAULT_BODY_LIMIT = 10 * 1024 * 1024
 
@@ -154,9 +171,15 @@ class PolicyMilter(Milter.Base):  # type: ignore[misc]
         self.logger = context.logger
         self._in_message = False
         self._connection_failed = False
+        self._protocol = 0
+        self._actions = ACTIONS
         self.client_ip = ""
         self.client_name = ""
         self.helo_name = ""
+        # Facts learned about the connection (kept for each of its messages) and the part of
+        # an early verdict that waits for end-of-message (see _early).
+        self.connection_facts: dict[str, Any] = {}
+        self._connection_pending: Verdict | None = None
         self._reset_message()
 
     # -- per-message state -------------------------------------------------------------
@@ -184,6 +207,8 @@ class PolicyMilter(Milter.Base):  # type: ignore[misc]
         self._body = bytearray()
         self._body_received = 0
         self._message_failed = False
+        self.message_facts: dict[str, Any] = {}
+        self._message_pending: Verdict | None = None
 
     @property
     def qid(self) -> str:
@@ -218,6 +243,8 @@ class PolicyMilter(Milter.Base):  # type: ignore[misc]
             offered_actions, offered_protocol = opts[0], opts[1]
             self._actions = offered_actions & ACTIONS
             self._protocol = offered_protocol & (_NO_REPLY | _NOT_SENT)
+            for stage in self.reply_stages():
+                self._protocol &= ~_STAGE_NO_REPLY[stage]
             opts[0], opts[1], opts[2], opts[3] = self._actions, self._protocol, 0, 0
             missing = ACTIONS & ~offered_actions
             if missing:
@@ -241,15 +268,23 @@ class PolicyMilter(Milter.Base):  # type: ignore[misc]
                 self.client_ip = ""  # a local (unix-socket) client has no address
             self.client_name = hostname or ""
             self.logger.debug("connect from %s[%s]", self.client_name, self.client_ip)
+            if self._answers("connect"):
+                return self._early("connect", self.at_connect(self.facts()))
         except Exception:
             self._failed("connect")
+            if self._answers("connect"):
+                return int(Milter.TEMPFAIL)
         return self._gathered(Milter.P_NR_CONN)
 
     def hello(self, hostname: str) -> int:
         try:
             self.helo_name = hostname
+            if self._answers("helo"):
+                return self._early("helo", self.at_helo(self.facts()))
         except Exception:
             self._failed("hello")
+            if self._answers("helo"):
+                return int(Milter.TEMPFAIL)
         return self._gathered(Milter.P_NR_HELO)
 
     # The *_bytes entry points are what libmilter's binding calls. Mail is full of bytes
@@ -271,18 +306,37 @@ class PolicyMilter(Milter.Base):  # type: ignore[misc]
             self._learn_queue_id()
             auth = f" auth={self.auth_user}" if self.auth_user else ""
             self.logger.debug("%s: mail from=<%s>%s", self.qid, self.mail_from, auth)
+            if self._answers("mail"):
+                return self._early("mail", self.at_mail(self.facts()))
         except Exception:
             self._failed("envfrom")
+            if self._answers("mail"):
+                self._message_failed = False  # answered now; the next message starts clean
+                return int(Milter.TEMPFAIL)
         return self._gathered(Milter.P_NR_MAIL)
 
     def envrcpt(self, recipient: str, *params: str) -> int:
+        address = ""
         try:
             address = _address(recipient)
             self.recipients.append(address)
-            self._rcpt_as_sent.setdefault(address.lower(), recipient)
             self._learn_queue_id()
+            if self._answers("rcpt"):
+                result = self._early("rcpt", self.at_rcpt(self.facts(), address))
+                if result in (Milter.REJECT, Milter.TEMPFAIL):
+                    # A refused recipient is not part of the message.
+                    self.recipients.pop()
+                    return result
+            self._rcpt_as_sent.setdefault(address.lower(), recipient)
+            if self._answers("rcpt"):
+                return result
         except Exception:
             self._failed("envrcpt")
+            if self._answers("rcpt"):
+                self._message_failed = False  # only this recipient is refused
+                if self.recipients and self.recipients[-1] == address:
+                    self.recipients.pop()
+                return int(Milter.TEMPFAIL)
         return self._gathered(Milter.P_NR_RCPT)
 
     def header(self, name: str, value: str) -> int:
@@ -320,7 +374,7 @@ class PolicyMilter(Milter.Base):  # type: ignore[misc]
                 return int(Milter.TEMPFAIL)
             facts = self.facts()
             self.prepare(facts)
-            verdict = self.decide(facts)
+            verdict = self._with_pending(self.decide(facts))
             return self._act(verdict, facts)
         except Exception:
             self.context.stats.count("error")
@@ -349,7 +403,34 @@ class PolicyMilter(Milter.Base):  # type: ignore[misc]
             facts.extra["body_truncated"] = True
         if self.queue_id:
             facts.extra["queue_id"] = self.queue_id
+        facts.extra.update(self.connection_facts)
+        facts.extra.update(self.message_facts)
         return facts
+
+    # -- hooks for daemons -------------------------------------------------------------
+
+    def reply_stages(self) -> frozenset[Stage]:
+        """The stages before end-of-message this connection answers (default: none)."""
+        return frozenset()
+
+    def at_connect(self, facts: MessageFacts) -> Verdict | None:
+        """The verdict at connect (called only if "connect" is in reply_stages)."""
+        return None
+
+    def at_helo(self, facts: MessageFacts) -> Verdict | None:
+        """The verdict at HELO/EHLO (called only if "helo" is in reply_stages)."""
+        return None
+
+    def at_mail(self, facts: MessageFacts) -> Verdict | None:
+        """The verdict at MAIL FROM (called only if "mail" is in reply_stages)."""
+        return None
+
+    def at_rcpt(self, facts: MessageFacts, recipient: str) -> Verdict | None:
+        """The verdict on one RCPT TO (called only if "rcpt" is in reply_stages).
+
+        ``facts.rcpt_tos`` ends with ``recipient``; a reject or tempfail refuses it alone.
+        """
+        return None
 
     def prepare(self, facts: MessageFacts) -> None:
         """Add daemon-specific facts before the policy runs (default: nothing)."""
@@ -357,6 +438,70 @@ class PolicyMilter(Milter.Base):  # type: ignore[misc]
     def decide(self, facts: MessageFacts) -> Verdict:
         """Ask the policy in force now."""
         return self.context.policy.current.evaluate(facts)
+
+    # -- early verdicts ----------------------------------------------------------------
+
+    def _answers(self, stage: Stage) -> bool:
+        return not self._protocol & _STAGE_NO_REPLY[stage] and stage in self.reply_stages()
+
+    def _early(self, stage: Stage, verdict: Verdict | None) -> int:
+        """Answer a stage before end-of-message with ``verdict`` (None: no decision)."""
+        if verdict is None:
+            return int(Milter.CONTINUE)
+        for match in verdict.matched:
+            self.logger.debug("%s: %s: rule %s: %s", self.qid, stage, match.rule, match.reason)
+        if verdict.action in ("reject", "tempfail"):
+            code, enhanced, text = self._reply(verdict)
+            self._set_reply(code, enhanced, text)
+            self.context.stats.count(verdict.action)
+            rules = ",".join(match.rule for match in verdict.matched) or "-"
+            where = f"client={self.client_name}[{self.client_ip}]"
+            if stage == "rcpt":
+                where += f" from=<{self.mail_from}> to=<{self.recipients[-1]}>"
+            elif stage == "mail":
+                where += f" from=<{self.mail_from}>"
+            self.logger.info(
+                "%s: %s at %s: %s %s %s; %s rules=%s",
+                self.qid,
+                verdict.action,
+                stage,
+                code,
+                enhanced,
+                text,
+                where,
+                rules,
+            )
+            return int(Milter.REJECT if verdict.action == "reject" else Milter.TEMPFAIL)
+        # Everything else waits for end-of-message: the protocol allows quarantine and
+        # header changes only there, and a discard at connect means every message.
+        keep = verdict.header_changes or verdict.action in ("discard", "quarantine")
+        if keep:
+            if stage in ("connect", "helo"):
+                self._connection_pending = _merge(self._connection_pending, verdict)
+            else:
+                self._message_pending = _merge(self._message_pending, verdict)
+        return int(Milter.CONTINUE)
+
+    def _with_pending(self, verdict: Verdict) -> Verdict:
+        """The end-of-message verdict with what earlier stages asked for folded in."""
+        for pending in (self._message_pending, self._connection_pending):
+            if pending is None:
+                continue
+            verdict.header_changes[:0] = pending.header_changes
+            verdict.matched[:0] = pending.matched
+            if pending.action in ("discard", "quarantine") and verdict.action in (
+                "accept",
+                "continue",
+            ):
+                verdict.action = pending.action
+                verdict.quarantine_reason = pending.quarantine_reason
+        return verdict
+
+    def _set_reply(self, code: str, enhanced: str, text: str) -> None:
+        lines = text.splitlines() or [""]
+        # libmilter reads the text as a format: a lone '%' would void the whole reply.
+        lines = [line.replace("%", "%%") for line in lines[:32]]
+        self.setreply(code, enhanced, *lines)
 
     def _act(self, verdict: Verdict, facts: MessageFacts) -> int:
         action = verdict.action
@@ -369,10 +514,7 @@ class PolicyMilter(Milter.Base):  # type: ignore[misc]
         )
         if action in ("reject", "tempfail"):
             code, enhanced, text = self._reply(verdict)
-            lines = text.splitlines() or [""]
-            # libmilter reads the text as a format: a lone '%' would void the whole reply.
-            lines = [line.replace("%", "%%") for line in lines[:32]]
-            self.setreply(code, enhanced, *lines)
+            self._set_reply(code, enhanced, text)
             self.context.stats.count(action)
             self.logger.info(
                 "%s: %s %s %s %s; %s", self.qid, action, code, enhanced, text, envelope
@@ -470,6 +612,23 @@ class PolicyMilter(Milter.Base):  # type: ignore[misc]
     def close(self) -> int:
         self._end_message()
         return int(Milter.CONTINUE)
+
+
+def _merge(earlier: Verdict | None, later: Verdict) -> Verdict:
+    """Two early verdicts kept for end-of-message, as one (the first discard/quarantine wins)."""
+    if earlier is None:
+        return Verdict(
+            action=later.action if later.action in ("discard", "quarantine") else "continue",
+            quarantine_reason=later.quarantine_reason,
+            header_changes=list(later.header_changes),
+            matched=list(later.matched),
+        )
+    earlier.header_changes.extend(later.header_changes)
+    earlier.matched.extend(later.matched)
+    if earlier.action == "continue" and later.action in ("discard", "quarantine"):
+        earlier.action = later.action
+        earlier.quarantine_reason = later.quarantine_reason
+    return earlier
 
 
 def _text(value: bytes | str) -> str:

@@ -8,11 +8,45 @@ rule set that never looks at the body never pays for it.
 from __future__ import annotations
 
 import email.policy
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from email.message import EmailMessage
 from email.parser import BytesParser
 from functools import cached_property
+from threading import Lock
 from typing import Any
+
+
+class LazyFact:
+    """A fact computed only when a rule first asks for it (a virus scan, a DNS lookup,
+    a greylist check), then remembered. Rules placed before the first rule that asks for
+    it (allow-lists, trusted networks, authenticated users) therefore skip the work.
+    """
+
+    __slots__ = ("_compute", "_done", "_lock", "_value")
+
+    def __init__(self, compute: Callable[[], Any]) -> None:
+        self._compute = compute
+        self._done = False
+        self._value: Any = None
+        self._lock = Lock()
+
+    @property
+    def computed(self) -> bool:
+        return self._done
+
+    def get(self) -> Any:
+        if not self._done:
+            with self._lock:
+                if not self._done:
+                    self._value = self._compute()
+                    self._done = True
+        return self._value
+
+
+def resolve(value: Any) -> Any:
+    """A fact's value, computing it first if it is lazy."""
+    return value.get() if isinstance(value, LazyFact) else value
 
 
 @dataclass
@@ -29,8 +63,12 @@ class MessageFacts:
     headers: list[tuple[str, str]] = field(default_factory=list)
     body: bytes = b""
     # Facts other daemons or stages added: "spf", "dkim", "dmarc", "dnsbl", "spam_score",
-    # "virus", ... (each daemon documents its own).
+    # "virus", ... (each daemon documents its own). A value may be a LazyFact.
     extra: dict[str, Any] = field(default_factory=dict)
+
+    def fact(self, name: str) -> Any:
+        """The value of fact ``name`` (computed now if it is lazy), or None."""
+        return resolve(self.extra.get(name))
 
     @classmethod
     def from_bytes(cls, raw: bytes, **envelope: Any) -> MessageFacts:

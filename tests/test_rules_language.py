@@ -389,7 +389,7 @@ BAD_FILES: list[tuple[str, list[str]]] = [
         """,
         [
             "bad.yaml:1: daemon: unknown daemon 'contnt' (known: content, spf, dkim, dmarc, "
-            "dnsbl, greylist, clamav, spamassassin, quota)"
+            "arc, dnsbl, greylist, clamav, spamassassin, quota, ratelimit)"
         ],
     ),
     (

@@ -8,11 +8,12 @@ them, so that tag_subject stays idempotent and redirect really replaces every re
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Protocol
 
 from mailgate.policies.facts import MessageFacts
-from mailgate.policies.rules.conditions import decode_words
+from mailgate.policies.rules.conditions import decode_words, fact_values
 from mailgate.policies.rules.schema import ActionSpec, BareAction, ReplySpec
 from mailgate.policies.verdict import FINAL_ACTIONS, HeaderChange, Verdict
 
@@ -46,6 +47,40 @@ def _key(address: str) -> str:
     return address.strip().strip("<>").lower()
 
 
+# ${name} in a reply text, a header value or a quarantine reason: a fact's value.
+_PLACEHOLDER = re.compile(r"\$\{([a-z][a-z0-9_]*)\}")
+_ENVELOPE_FIELDS = ("client_ip", "client_name", "helo", "mail_from", "auth_user")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]+")
+
+
+def render(template: str, facts: MessageFacts) -> str:
+    """``template`` with each ``${name}`` replaced by the value of that fact.
+
+    Names are the envelope fields (client_ip, client_name, helo, mail_from, auth_user),
+    ``recipient`` (the latest RCPT TO) and any daemon fact (a list shows its items joined
+    by ", "). An unknown or missing fact renders as nothing; control characters a fact
+    may carry never reach a header or a reply line.
+    """
+    if "${" not in template:
+        return template
+
+    def value(match: re.Match[str]) -> str:
+        name = match.group(1)
+        if name in _ENVELOPE_FIELDS:
+            text = getattr(facts, name) or ""
+        elif name == "recipient":
+            text = facts.rcpt_tos[-1] if facts.rcpt_tos else ""
+        else:
+            text = ", ".join(fact_values(facts.fact(name)))
+        return _CONTROL.sub(" ", str(text))
+
+    return _PLACEHOLDER.sub(value, template)
+
+
+def _render(template: str | None, facts: MessageFacts) -> str | None:
+    return None if template is None else render(template, facts)
+
+
 class Action(Protocol):
     @property
     def final(self) -> bool: ...
@@ -72,8 +107,10 @@ class Decide:
             return
         verdict = state.verdict
         verdict.action = self.action
-        verdict.code, verdict.enhanced, verdict.text = self.code, self.enhanced, self.text
-        verdict.quarantine_reason = self.reason if self.action == "quarantine" else None
+        verdict.code, verdict.enhanced = self.code, self.enhanced
+        verdict.text = _render(self.text, state.facts)
+        quarantine = self.action == "quarantine"
+        verdict.quarantine_reason = _render(self.reason, state.facts) if quarantine else None
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,13 +122,14 @@ class AddHeader:
     final = False
 
     def apply(self, state: EvalState) -> None:
+        value = render(self.value, state.facts)
         if self.index is None:
-            change = HeaderChange("add", self.name, self.value)
+            change = HeaderChange("add", self.name, value)
         else:
-            change = HeaderChange("insert", self.name, self.value, self.index)
+            change = HeaderChange("insert", self.name, value, self.index)
         state.verdict.header_changes.append(change)
         if self.name.lower() == "subject" and state.subject is None:
-            state.subject = self.value
+            state.subject = value
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,11 +141,10 @@ class ChangeHeader:
     final = False
 
     def apply(self, state: EvalState) -> None:
-        state.verdict.header_changes.append(
-            HeaderChange("change", self.name, self.value, self.index)
-        )
+        value = render(self.value, state.facts)
+        state.verdict.header_changes.append(HeaderChange("change", self.name, value, self.index))
         if self.name.lower() == "subject" and self.index == 1:
-            state.subject = self.value or None
+            state.subject = value or None
 
 
 @dataclass(frozen=True, slots=True)

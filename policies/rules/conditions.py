@@ -62,7 +62,7 @@ class Context:
 
     def fact(self, name: str) -> Any:
         if name in self.facts.extra:
-            return self.facts.extra[name]
+            return self.facts.fact(name)
         if name in CONTENT_FACTS:
             return self.content.as_extra()[name]
         return None

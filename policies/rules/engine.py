@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from mailgate.policies.content import ContentFacts
 from mailgate.policies.facts import MessageFacts
@@ -54,15 +55,20 @@ class RuleSet:
     source: str = "<rules>"
     # Where the test cases' message files are looked up (the rule file's directory).
     base_dir: Path = field(default_factory=Path)
+    # The daemon's validated ``Settings`` model (policies/settings.py), None if it takes none.
+    settings: Any = None
 
     @classmethod
-    def from_spec(cls, spec: RuleFileSpec, source: str, base_dir: Path) -> RuleSet:
+    def from_spec(
+        cls, spec: RuleFileSpec, source: str, base_dir: Path, settings: Any = None
+    ) -> RuleSet:
         return cls(
             daemon=spec.daemon,
             rules=tuple(Rule.compile(rule) for rule in spec.rules),
             tests=tuple(spec.tests),
             source=source,
             base_dir=base_dir,
+            settings=settings,
         )
 
     def evaluate(self, facts: MessageFacts, *, content: ContentFacts | None = None) -> Verdict:

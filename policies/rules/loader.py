@@ -22,6 +22,7 @@ from pydantic import ValidationError
 from mailgate.policies.rules.engine import RuleSet
 from mailgate.policies.rules.errors import RuleError
 from mailgate.policies.rules.schema import BARE_ACTIONS, DAEMONS, RuleFileSpec, known_keys
+from mailgate.policies.settings import settings_model
 from mailgate.policies.yamllines import YamlPath, YamlSyntaxError, load_with_lines
 
 _KNOWN_KEYS = sorted(known_keys())
@@ -86,10 +87,45 @@ def parse_rules(
     except ValidationError as exc:
         for error in exc.errors():
             problems.append(_describe(error, data, lines))
+    settings, settings_problems = _settings(data, lines)
+    problems.extend(settings_problems)
     problems.extend(_cross_checks(data, lines, base_dir if check_test_files else None))
     if problems or spec is None:
         raise RuleError(_format(problems, filename))
-    return RuleSet.from_spec(spec, filename, base_dir)
+    return RuleSet.from_spec(spec, filename, base_dir, settings)
+
+
+def _settings(data: dict[Any, Any], lines: Mapping[YamlPath, int]) -> tuple[Any, list[Problem]]:
+    """The daemon's validated settings, or the problems with them."""
+    daemon = data.get("daemon")
+    if not isinstance(daemon, str) or daemon not in DAEMONS:
+        return None, []  # the schema reports the daemon itself
+    raw = data.get("settings", {})
+    model = settings_model(daemon)
+    if model is None:
+        if raw:
+            line = lines.get(("settings",), 1)
+            return None, [(line, f"settings: daemon {daemon!r} takes no settings")]
+        return None, []
+    if not isinstance(raw, dict):
+        return None, []  # the schema reports the type
+    try:
+        return model.model_validate(raw), []
+    except ValidationError as exc:
+        problems = []
+        fields = sorted(info.alias or name for name, info in model.model_fields.items())
+        for error in exc.errors():
+            located = dict(error)
+            located["loc"] = ("settings", *error["loc"])
+            line, message = _describe(located, data, lines)
+            if error.get("type") == "extra_forbidden" and len(error["loc"]) == 1:
+                key = str(error["loc"][0])
+                message = (
+                    f"settings.{key}: unknown setting {key!r} of daemon {daemon!r}"
+                    f"{_did_you_mean(key, fields)}"
+                )
+            problems.append((line, message))
+        return None, problems
 
 
 # -- YAML with line numbers -------------------------------------------------------------

@@ -48,7 +48,17 @@ from mailgate.policies.verdict import FINAL_ACTIONS
 from mailgate.policies.verdict import Action as VerdictAction
 
 Daemon = Literal[
-    "content", "spf", "dkim", "dmarc", "dnsbl", "greylist", "clamav", "spamassassin", "quota"
+    "content",
+    "spf",
+    "dkim",
+    "dmarc",
+    "arc",
+    "dnsbl",
+    "greylist",
+    "clamav",
+    "spamassassin",
+    "quota",
+    "ratelimit",
 ]
 DAEMONS: tuple[str, ...] = get_args(Daemon)
 
@@ -491,6 +501,11 @@ class RuleFileSpec(_Model):
     model_config = ConfigDict(title="mailgate rule file")
 
     daemon: Daemon = Field(description="the policy daemon that loads this file")
+    settings: dict[str, Any] = Field(
+        default_factory=dict,
+        description="the daemon's own settings (zones, servers, stores ...); each daemon's "
+        "page in the operator's guide lists them",
+    )
     rules: list[RuleSpec] = Field(default_factory=list, description="evaluated in order")
     tests: list[RuleTestSpec] = Field(default_factory=list, description="run by rules test")
 
