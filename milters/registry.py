@@ -90,3 +90,8 @@ register(
     "header, envelope and body rules (Sieve-style tests) from a YAML rule file",
     "mailgate.milters.content:ContentMilter",
 )
+register(
+    "quota",
+    "mailbox storage quotas and attachment limits from the user store (452/552 at RCPT/DATA)",
+    "mailgate.milters.quota:QuotaMilter",
+)

@@ -256,3 +256,76 @@ def test_password_prompt_mismatch(with_domain: Mailgate) -> None:
     assert code == 1
     assert "mailgate: the passwords do not match" in output
     assert with_domain.ok("user", "list") == ""
+
+
+def test_user_quota_commands(with_domain: Mailgate) -> None:
+    mg = with_domain
+    domain = "example.com"
+    mg.ok("user", "add", f"a@{domain}", stdin="pw\n")
+    mg.ok("user", "add", f"b@{domain}", stdin="pw\n")
+    out = mg.ok(
+        "user",
+        "quota",
+        "set",
+        f"a@{domain}",
+        "--storage",
+        "10K",
+        "--max-attachment",
+        "2M",
+        "--max-attachments",
+        "5",
+    )
+    assert out == (
+        f"limits of a@{domain}: storage quota 10K, largest attachment 2M, "
+        "attachments per message 5\n"
+    )
+    mg.ok("user", "quota", "set", f"@{domain}", "--storage", "1G")
+    # Usage comes from the Maildir: 12000 bytes, one by its ,S= name, one by stat.
+    new = mg.data_dir / "mail" / domain / "a" / "new"
+    new.mkdir(parents=True)
+    (new / "1.M1P1.host,S=8000").write_bytes(b"x")
+    (new / "2.M1P1.host").write_bytes(b"x" * 4000)
+    show = mg.ok("user", "quota", "show", f"a@{domain}")
+    assert "storage quota:            10K (user)" in show
+    assert "largest attachment:       2M (user)" in show
+    assert (
+        "used:                     11.7K (12000 bytes) in 2 messages, 117.2% of the quota" in show
+    )
+    show = mg.ok("user", "quota", "show", f"b@{domain}")
+    assert "storage quota:            1G (domain default)" in show
+    assert "largest attachment:       unlimited (not set)" in show
+    listing = mg.ok("user", "quota", "list")
+    assert listing.splitlines()[0].split() == [
+        "USER",
+        "USED",
+        "QUOTA",
+        "USE%",
+        "MAX-ATTACHMENT",
+        "MAX-ATTACHMENTS",
+    ]
+    assert listing.splitlines()[1].split() == [
+        f"a@{domain}",
+        "11.7K",
+        "10K",
+        "117%",
+        "2M",
+        "5",
+        "OVER",
+    ]
+    assert mg.ok("user", "quota", "list", "--over").count("\n") == 2  # header + a only
+    # Clearing: 'none' falls back to the domain's default; 'unlimited' overrides it.
+    mg.ok("user", "quota", "set", f"a@{domain}", "--storage", "none")
+    assert "1G (domain default)" in mg.ok("user", "quota", "show", f"a@{domain}")
+    mg.ok("user", "quota", "set", f"a@{domain}", "--storage", "unlimited")
+    assert "storage quota:            unlimited (user)" in mg.ok(
+        "user", "quota", "show", f"a@{domain}"
+    )
+    assert mg.ok("user", "quota", "list", "--over") == ""
+    mg.ok("user", "quota", "clear", f"a@{domain}")
+    with mg.store() as store:
+        assert store.limits(f"a@{domain}").is_empty()
+    assert "no such user: c@example.com" in mg.fails("user", "quota", "show", f"c@{domain}")
+    assert "nothing to set" in mg.fails("user", "quota", "set", f"a@{domain}")
+    assert "is not local" in mg.fails("user", "quota", "set", "@other.example", "--storage", "1M")
+    bad = mg("user", "quota", "set", f"a@{domain}", "--storage", "12X")
+    assert bad.returncode == 2 and "expected a size such as 100M or 2G" in bad.stderr

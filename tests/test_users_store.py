@@ -500,3 +500,70 @@ def test_threads_share_one_store(store: SQLiteUserStore) -> None:
     assert errors == []
     resolved = store.resolve("team@example.com")
     assert resolved is not None and len(resolved) == 41
+
+
+# -- limits (the quota daemon's) ------------------------------------------------------------
+
+
+def test_limits_of_users_and_domains(store: SQLiteUserStore) -> None:
+    from mailgate.core.users.store import UNLIMITED, Limits
+
+    store.add_user("a@example.com", "pw")
+    assert store.limits("a@example.com") == Limits()
+    assert store.effective_limits("a@example.com") == Limits()  # nothing set: unlimited
+    store.set_limits("A@Example.com", storage=100, max_attachments=3)
+    store.set_limits("@example.com", storage=1000, max_attachment=50)
+    assert store.effective_limits("a@example.com") == Limits(100, 50, 3)
+    # UNLIMITED overrides the domain's default; None falls back to it.
+    store.set_limits("a@example.com", storage=UNLIMITED, max_attachments=None)
+    assert store.effective_limits("a@example.com") == Limits(None, 50, None)
+    assert store.list_limits() == [
+        ("@example.com", Limits(1000, 50, None)),
+        ("a@example.com", Limits(UNLIMITED, None, None)),
+    ]
+    store.set_limits("@example.com", storage=None, max_attachment=None)
+    assert store.list_limits() == [("a@example.com", Limits(UNLIMITED, None, None))]
+    with pytest.raises(UserStoreError, match=r"no such user: b@example\.com"):
+        store.set_limits("b@example.com", storage=1)
+    with pytest.raises(UserStoreError, match="no such user"):
+        store.effective_limits("b@example.com")
+    with pytest.raises(UserStoreError, match="0 or more"):
+        store.set_limits("a@example.com", storage=-5)
+    with pytest.raises(UserStoreError, match="unknown limit"):
+        store.set_limits("a@example.com", quota=5)
+    # Deleting the domain takes its defaults along.
+    store.set_limits("@example.com", storage=7)
+    store.delete_user("a@example.com")
+    store.delete_domain("example.com")
+    assert store.list_limits() == []
+
+
+def test_migration_from_the_first_schema(db_path: Path) -> None:
+    from mailgate.core.users.sqlite import _MIGRATIONS
+    from mailgate.core.users.store import Limits
+
+    # A database as the first release of the store made it, with one user in it.
+    db_path.parent.mkdir(parents=True)
+    conn = sqlite3.connect(db_path, isolation_level=None)
+    conn.executescript(_MIGRATIONS[0])
+    conn.execute("CREATE TABLE schema_version (version INTEGER NOT NULL)")
+    conn.execute("INSERT INTO schema_version (version) VALUES (1)")
+    conn.execute(
+        "INSERT INTO users (address, domain, password_hash, created_at, password_changed_at)"
+        " VALUES ('old@example.com', 'example.com', 'x', 0, 0)"
+    )
+    conn.close()
+    with SQLiteUserStore(db_path) as store:
+        assert store.list_users() == ["old@example.com"]
+        assert store.limits("old@example.com") == Limits()
+        store.set_limits("old@example.com", storage=10)
+        assert store.effective_limits("old@example.com").storage == 10
+    with sqlite3.connect(db_path) as conn:
+        assert conn.execute("SELECT version FROM schema_version").fetchall() == [(SCHEMA_VERSION,)]
+    assert SCHEMA_VERSION == 2
+
+
+def test_reader_never_creates_the_database(tmp_path: Path) -> None:
+    with pytest.raises(UserStoreError, match="does not exist"):
+        SQLiteUserStore(tmp_path / "missing.sqlite3", create=False)
+    assert not (tmp_path / "missing.sqlite3").exists()

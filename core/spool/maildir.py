@@ -16,6 +16,10 @@ and Dovecot write; a BINARYMIME message is stored byte for byte instead.
 Address parts become path components only through ``mailbox_component``, which
 %-encodes everything outside a conservative set and any leading dot, so no address can
 name a path outside the root.
+
+``maildir_usage`` measures a mailbox for quotas: the messages in ``new/`` and ``cur/`` of
+the Maildir and of its Maildir++ folders (``.Name/``), each counted by the ``,S=`` size
+in its name (written here and by Dovecot) or, without one, by ``stat``.
 """
 
 from __future__ import annotations
@@ -23,8 +27,10 @@ from __future__ import annotations
 import errno
 import itertools
 import os
+import re
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from mailgate.core.errors import DeliveryError
@@ -52,6 +58,77 @@ def mailbox_component(text: str) -> str:
     return "".join(out)
 
 
+def mailbox_path(root: Path, address: str) -> Path:
+    """The Maildir of ``address`` under ``root``; DeliveryError (permanent) if it is no
+    address. The one place that maps addresses to mailboxes (delivery, quotas)."""
+    local, at, domain = address.rpartition("@")
+    if not at or not local or not domain:
+        raise DeliveryError(f"invalid mailbox address {address!r}", permanent=True)
+    parts = (mailbox_component(domain.lower()), mailbox_component(local))
+    if any(len(part) > _MAX_COMPONENT for part in parts):
+        raise DeliveryError(f"mailbox address too long: {address!r}", permanent=True)
+    return Path(root).joinpath(*parts)
+
+
+# The size a Maildir++ name carries: ",S=<bytes>" before the ":2,flags" info part.
+_SIZE_IN_NAME = re.compile(r",S=(\d+)")
+
+
+@dataclass(frozen=True, slots=True)
+class MaildirUsage:
+    """What a mailbox holds: bytes and messages."""
+
+    bytes: int = 0
+    messages: int = 0
+
+
+def maildir_usage(mailbox: Path) -> MaildirUsage:
+    """The messages of ``mailbox`` and its Maildir++ folders; a missing mailbox holds none.
+
+    Raises OSError when a directory that exists cannot be read (permissions, I/O).
+    Files that vanish while counting (moved or expunged meanwhile) are skipped.
+    """
+    total = count = 0
+    folders = [mailbox]
+    try:
+        with os.scandir(mailbox) as entries:
+            folders += [
+                Path(entry.path)
+                for entry in entries
+                if entry.name.startswith(".")
+                and entry.name not in (".", "..")
+                and entry.is_dir(follow_symlinks=False)
+            ]
+    except FileNotFoundError:
+        return MaildirUsage()
+    for folder in folders:
+        for sub in ("new", "cur"):
+            try:
+                with os.scandir(folder / sub) as entries:
+                    for entry in entries:
+                        if entry.name.startswith("."):
+                            continue
+                        size = _size_of(entry)
+                        if size is not None:
+                            total += size
+                            count += 1
+            except FileNotFoundError:
+                continue
+    return MaildirUsage(total, count)
+
+
+def _size_of(entry: os.DirEntry[str]) -> int | None:
+    match = _SIZE_IN_NAME.search(entry.name.partition(":")[0])
+    if match:
+        return int(match.group(1))
+    try:
+        if not entry.is_file(follow_symlinks=False):
+            return None
+        return entry.stat(follow_symlinks=False).st_size
+    except FileNotFoundError:
+        return None
+
+
 def _host_component(hostname: str) -> str:
     # The Maildir specification's escapes for the two characters a name must not hold.
     return hostname.replace("/", "\\057").replace(":", "\\072")
@@ -77,13 +154,7 @@ class MaildirStore:
 
     def mailbox_path(self, address: str) -> Path:
         """The Maildir of ``address``; DeliveryError (permanent) if it is no address."""
-        local, at, domain = address.rpartition("@")
-        if not at or not local or not domain:
-            raise DeliveryError(f"invalid mailbox address {address!r}", permanent=True)
-        parts = (mailbox_component(domain.lower()), mailbox_component(local))
-        if any(len(part) > _MAX_COMPONENT for part in parts):
-            raise DeliveryError(f"mailbox address too long: {address!r}", permanent=True)
-        return self.root.joinpath(*parts)
+        return mailbox_path(self.root, address)
 
     def deliver(
         self, address: str, content: bytes, *, return_path: str, binary: bool = False

@@ -18,15 +18,21 @@ import os
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any
+from urllib.parse import quote
 
 from argon2 import PasswordHasher
 
 from mailgate.core.errors import UserStoreError
 from mailgate.core.users.store import (
+    LIMIT_FIELDS,
+    Limits,
     UserStore,
+    catchall_key,
     domain_of,
+    is_catchall,
     normalize_address,
     normalize_alias,
     normalize_domain,
@@ -64,21 +70,52 @@ _MIGRATIONS: tuple[str, ...] = (
     CREATE INDEX aliases_alias_domain ON aliases (alias_domain);
     CREATE INDEX aliases_target_domain ON aliases (target_domain);
     """,
+    # 1 -> 2: limits (the quota daemon's): per user, and per domain as its users' defaults.
+    # NULL means "not set"; -1 (store.UNLIMITED) means "no limit".
+    """
+    ALTER TABLE users ADD COLUMN quota_storage INTEGER;
+    ALTER TABLE users ADD COLUMN max_attachment_size INTEGER;
+    ALTER TABLE users ADD COLUMN max_attachments INTEGER;
+    CREATE TABLE domain_limits (
+        domain TEXT PRIMARY KEY,
+        quota_storage INTEGER,
+        max_attachment_size INTEGER,
+        max_attachments INTEGER
+    ) WITHOUT ROWID;
+    """,
 )
+# The column of each Limits field, in both tables.
+_LIMIT_COLUMNS = {
+    "storage": "quota_storage",
+    "max_attachment": "max_attachment_size",
+    "max_attachments": "max_attachments",
+}
+_LIMIT_SELECT = ", ".join(_LIMIT_COLUMNS[name] for name in LIMIT_FIELDS)
 SCHEMA_VERSION = len(_MIGRATIONS)
 
 
 class SQLiteUserStore(UserStore):
     """The user store in one SQLite file, created with its schema on first use."""
 
-    def __init__(self, path: Path, *, hasher: PasswordHasher | None = None) -> None:
+    def __init__(
+        self, path: Path, *, hasher: PasswordHasher | None = None, create: bool = True
+    ) -> None:
+        """Open (and with ``create``, make if missing) the database at ``path``.
+
+        ``create=False`` is for readers such as the quota daemon: a missing database is
+        then an error rather than a new, empty store.
+        """
         super().__init__(hasher)
         self.path = Path(path)
         self._local = threading.local()
         self._connections: list[sqlite3.Connection] = []
         self._lock = threading.Lock()
         self._closed = False
-        self._create_file()
+        self._create = create
+        if create:
+            self._create_file()
+        elif not self.path.is_file():
+            raise UserStoreError(f"{self.path}: the user database does not exist")
         try:
             conn = self._conn()
             # Outside any transaction, as SQLite requires; the mode persists in the file.
@@ -112,8 +149,12 @@ class SQLiteUserStore(UserStore):
             if self._closed:
                 raise UserStoreError(f"{self.path}: the user store is closed")
             try:
+                # Without create, "mode=rw": a file removed meanwhile is an error, not
+                # silently made anew.
+                target = self.path if self._create else f"file:{quote(str(self.path))}?mode=rw"
                 conn = sqlite3.connect(
-                    self.path,
+                    target,
+                    uri=not self._create,
                     timeout=_BUSY_TIMEOUT,
                     isolation_level=None,
                     # Each connection serves one thread; close() is the one exception.
@@ -221,6 +262,7 @@ class SQLiteUserStore(UserStore):
                     f"{_count(aliases, 'alias', 'aliases')}; delete them first"
                 )
             db.execute("DELETE FROM domains WHERE domain = ?", (name,))
+            db.execute("DELETE FROM domain_limits WHERE domain = ?", (name,))
 
     def list_domains(self) -> list[str]:
         with self._read() as db:
@@ -295,6 +337,69 @@ class SQLiteUserStore(UserStore):
                 row[0] for row in db.execute("SELECT address FROM users ORDER BY domain, address")
             ]
 
+    # -- limits ------------------------------------------------------------------------
+
+    def _get_limits(self, key: str) -> Limits | None:
+        with self._read() as db:
+            if is_catchall(key):
+                row = db.execute(
+                    f"SELECT {_LIMIT_SELECT} FROM domain_limits WHERE domain = ?", (key[1:],)
+                ).fetchone()
+                return Limits() if row is None else _limits(row)
+            row = db.execute(
+                f"SELECT {_LIMIT_SELECT} FROM users WHERE address = ?", (key,)
+            ).fetchone()
+        return None if row is None else _limits(row)
+
+    def _update_limits(self, key: str, changes: dict[str, int | None]) -> Limits:
+        assignments = ", ".join(f"{_LIMIT_COLUMNS[name]} = ?" for name in changes)
+        values = list(changes.values())
+        with self._write() as db:
+            if is_catchall(key):
+                domain = key[1:]
+                db.execute(
+                    "INSERT INTO domain_limits (domain) VALUES (?) ON CONFLICT DO NOTHING",
+                    (domain,),
+                )
+                if changes:
+                    db.execute(
+                        f"UPDATE domain_limits SET {assignments} WHERE domain = ?",
+                        (*values, domain),
+                    )
+                row = db.execute(
+                    f"SELECT {_LIMIT_SELECT} FROM domain_limits WHERE domain = ?", (domain,)
+                ).fetchone()
+                limits = _limits(row)
+                if limits.is_empty():
+                    # Nothing left to say about the domain: no row, as before any setting.
+                    db.execute("DELETE FROM domain_limits WHERE domain = ?", (domain,))
+                return limits
+            if changes:
+                cursor = db.execute(
+                    f"UPDATE users SET {assignments} WHERE address = ?", (*values, key)
+                )
+                if cursor.rowcount == 0:
+                    raise UserStoreError(f"no such user: {key}")
+            row = db.execute(
+                f"SELECT {_LIMIT_SELECT} FROM users WHERE address = ?", (key,)
+            ).fetchone()
+            if row is None:
+                raise UserStoreError(f"no such user: {key}")
+            return _limits(row)
+
+    def _all_limits(self) -> list[tuple[str, Limits]]:
+        where = " OR ".join(f"{column} IS NOT NULL" for column in _LIMIT_COLUMNS.values())
+        with self._read() as db:
+            domains = db.execute(f"SELECT domain, {_LIMIT_SELECT} FROM domain_limits").fetchall()
+            users = db.execute(
+                f"SELECT address, {_LIMIT_SELECT} FROM users WHERE {where}"
+            ).fetchall()
+        found = [(catchall_key(str(row[0])), _limits(row[1:])) for row in domains]
+        found += [(str(row[0]), _limits(row[1:])) for row in users]
+        # The domain's own row ("@d" has no local part) first, then its users by address.
+        found.sort(key=lambda item: (domain_of(item[0]), not is_catchall(item[0]), item[0]))
+        return found
+
     # -- aliases -----------------------------------------------------------------------
 
     def add_alias(self, alias: str, target: str) -> None:
@@ -359,6 +464,11 @@ class SQLiteUserStore(UserStore):
                 (domain,),
             )
             return [str(row[0]) for row in rows]
+
+
+def _limits(row: Sequence[Any]) -> Limits:
+    values = [None if value is None else int(value) for value in row]
+    return Limits(**dict(zip(LIMIT_FIELDS, values, strict=True)))
 
 
 def _now() -> int:

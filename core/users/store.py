@@ -22,6 +22,13 @@ Alias semantics, close to Postfix's virtual_alias_maps:
   expanded is not expanded again, so lists that include each other resolve to the union of
   their members; an address that is neither a user nor an alias is a final destination
   (a remote address, or a local one that delivery will bounce).
+
+Limits (what the quota daemon enforces) are kept per user and, as defaults for their
+users, per domain (key ``@domain``): the storage quota in bytes, the largest attachment in
+bytes and the number of attachments. A stored value is a number, ``UNLIMITED`` (no limit,
+whatever the domain's default says) or None (not set: the domain's default applies, and
+without one there is no limit). ``effective_limits`` folds the two levels into the limits
+in force, None meaning unlimited.
 """
 
 from __future__ import annotations
@@ -31,6 +38,7 @@ import logging
 import re
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
+from dataclasses import dataclass, fields
 from types import TracebackType
 from typing import Self
 
@@ -46,8 +54,11 @@ from mailgate.core.users.passwords import (
 )
 
 __all__ = [
+    "LIMIT_FIELDS",
     "MAX_ALIAS_DEPTH",
     "MAX_EXPANSION",
+    "UNLIMITED",
+    "Limits",
     "UserStore",
     "catchall_key",
     "domain_of",
@@ -132,6 +143,47 @@ def domain_of(address: str) -> str:
     return address.rpartition("@")[2]
 
 
+# A stored limit meaning "no limit", which overrides a domain's default (None inherits it).
+UNLIMITED = -1
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """The limits of a user or a domain; see the module docstring for None and UNLIMITED.
+
+    ``storage`` is the mailbox quota in bytes, ``max_attachment`` the size in bytes of the
+    largest attachment accepted (decoded), ``max_attachments`` how many attachments one
+    message may carry.
+    """
+
+    storage: int | None = None
+    max_attachment: int | None = None
+    max_attachments: int | None = None
+
+    def is_empty(self) -> bool:
+        return all(getattr(self, name) is None for name in LIMIT_FIELDS)
+
+    def over(self, fallback: Limits) -> Limits:
+        """These limits with ``fallback``'s for the fields not set here, UNLIMITED as None."""
+        values = {}
+        for name in LIMIT_FIELDS:
+            value = getattr(self, name)
+            if value is None:
+                value = getattr(fallback, name)
+            values[name] = None if value is None or value == UNLIMITED else value
+        return Limits(**values)
+
+
+LIMIT_FIELDS: tuple[str, ...] = tuple(f.name for f in fields(Limits))
+
+
+def _check_limit(name: str, value: int | None) -> None:
+    if name not in LIMIT_FIELDS:
+        raise UserStoreError(f"unknown limit {name!r} (known: {', '.join(LIMIT_FIELDS)})")
+    if value is not None and (isinstance(value, bool) or value < UNLIMITED):
+        raise UserStoreError(f"{name}: a limit is a number of 0 or more, got {value!r}")
+
+
 def _check_password(password: str) -> None:
     if not password:
         raise UserStoreError("empty password refused")
@@ -196,6 +248,21 @@ class UserStore(ABC):
     @abstractmethod
     def list_aliases(self) -> list[tuple[str, str]]:
         """Every ``(alias, target)`` row, sorted by alias, targets in the order added."""
+
+    @abstractmethod
+    def _get_limits(self, key: str) -> Limits | None:
+        """The stored limits of a normalised user address, or of ``@domain`` (an empty
+        Limits if none were set); None if ``key`` is an address that is no user."""
+
+    @abstractmethod
+    def _update_limits(self, key: str, changes: dict[str, int | None]) -> Limits:
+        """Change the given limits of a user (UserStoreError if there is no such user) or
+        of ``@domain``, in one transaction; return the limits now stored."""
+
+    @abstractmethod
+    def _all_limits(self) -> list[tuple[str, Limits]]:
+        """Every user and ``@domain`` with at least one limit set, sorted by domain, then
+        with the domain's own row first."""
 
     @abstractmethod
     def close(self) -> None:
@@ -400,6 +467,40 @@ class UserStore(ABC):
                             following.append(source)
                 frontier = following
         return senders
+
+    # -- limits ---------------------------------------------------------------------------
+
+    def limits(self, key: str) -> Limits:
+        """The limits stored for a user or ``@domain`` (not folded; see effective_limits)."""
+        canonical = normalize_alias(key)
+        stored = self._get_limits(canonical)
+        if stored is None:
+            raise UserStoreError(f"no such user: {canonical}")
+        return stored
+
+    def set_limits(self, key: str, **changes: int | None) -> Limits:
+        """Change some limits of a user or ``@domain``; return the limits now stored.
+
+        Each change is a byte count or number (0 or more), UNLIMITED, or None to clear it.
+        """
+        canonical = normalize_alias(key)
+        for name, value in changes.items():
+            _check_limit(name, value)
+        return self._update_limits(canonical, changes)
+
+    def effective_limits(self, address: str) -> Limits:
+        """The limits in force for the user ``address`` (None: unlimited)."""
+        canonical = normalize_address(address)
+        with self._snapshot():
+            own = self._get_limits(canonical)
+            if own is None:
+                raise UserStoreError(f"no such user: {canonical}")
+            domain = self._get_limits(catchall_key(domain_of(canonical))) or Limits()
+        return own.over(domain)
+
+    def list_limits(self) -> list[tuple[str, Limits]]:
+        """Every user and ``@domain`` with limits of its own, as stored."""
+        return self._all_limits()
 
     def may_send_as(self, login: str, sender: str) -> bool:
         """Whether the authenticated user ``login`` may use ``sender``."""
