@@ -453,7 +453,9 @@ class PolicyMilter(Milter.Base):  # type: ignore[misc]
         if verdict.action in ("reject", "tempfail"):
             code, enhanced, text = self._reply(verdict)
             self._set_reply(code, enhanced, text)
-            self.context.stats.count(verdict.action)
+            # A refused recipient is not a message: the transaction is counted at its end.
+            outcome = f"rcpt_{verdict.action}" if stage == "rcpt" else verdict.action
+            self.context.stats.count(outcome)
             rules = ",".join(match.rule for match in verdict.matched) or "-"
             where = f"client={self.client_name}[{self.client_ip}]"
             if stage == "rcpt":
@@ -623,8 +625,11 @@ def _merge(earlier: Verdict | None, later: Verdict) -> Verdict:
             header_changes=list(later.header_changes),
             matched=list(later.matched),
         )
-    earlier.header_changes.extend(later.header_changes)
-    earlier.matched.extend(later.matched)
+    # One rule matching at every RCPT of a transaction asks for its header once.
+    earlier.header_changes.extend(
+        change for change in later.header_changes if change not in earlier.header_changes
+    )
+    earlier.matched.extend(m for m in later.matched if m not in earlier.matched)
     if earlier.action == "continue" and later.action in ("discard", "quarantine"):
         earlier.action = later.action
         earlier.quarantine_reason = later.quarantine_reason

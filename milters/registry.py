@@ -95,3 +95,8 @@ register(
     "mailbox storage quotas and attachment limits from the user store (452/552 at RCPT/DATA)",
     "mailgate.milters.quota:QuotaMilter",
 )
+register(
+    "dnsbl",
+    "DNS block and allow lists (DNSBL/DNSWL) with weights and return codes, at connect or RCPT",
+    "mailgate.milters.dnsbl:DnsblMilter",
+)
