@@ -100,3 +100,8 @@ register(
     "DNS block and allow lists (DNSBL/DNSWL) with weights and return codes, at connect or RCPT",
     "mailgate.milters.dnsbl:DnsblMilter",
 )
+register(
+    "clamav",
+    "virus scanning with clamd (INSTREAM over TCP or a Unix socket)",
+    "mailgate.milters.clamav:ClamavMilter",
+)

@@ -1375,6 +1375,7 @@ class Clamd:
     base: Path
     daemon: Daemon
     host: str = HOST
+    socket_path: Path | None = None  # its LocalSocket, with clamd_server(local_socket=True)
 
     @property
     def db_dir(self) -> Path:
@@ -1408,14 +1409,26 @@ def _write_eicar_db(db: Path) -> None:
 
 
 @contextlib.contextmanager
-def clamd_server(tmp_dir: Path, *, start_timeout: float = 60.0) -> Iterator[Clamd]:
-    """clamd 1.4 on a free port with a two-signature EICAR database (no freshclam)."""
+def clamd_server(
+    tmp_dir: Path,
+    *,
+    start_timeout: float = 60.0,
+    local_socket: bool = False,
+    extra_config: str = "",
+) -> Iterator[Clamd]:
+    """clamd 1.4 on a free port with a two-signature EICAR database (no freshclam).
+
+    local_socket: also listen on a Unix socket (`Clamd.socket_path`, mode 666).
+    extra_config: more clamd.conf lines, e.g. "StreamMaxLength 1M\n".
+    """
     require_root()
     clamd = require("/usr/sbin/clamd", "clamav-daemon")
     base = _private_dir(Path(tmp_dir), "clamd")
     _write_eicar_db(base / "db")
     (base / "tmp").mkdir()
     port = free_port()
+    socket_path = base / "clamd.ctl" if local_socket else None
+    local = f"LocalSocket {socket_path}\nLocalSocketMode 666\n" if socket_path else ""
     (base / "clamd.conf").write_text(
         f"""\
 Foreground yes
@@ -1428,10 +1441,10 @@ PidFile {base / "clamd.pid"}
 TemporaryDirectory {base / "tmp"}
 User root
 MaxThreads 4
-"""
+{local}{extra_config}"""
     )
     daemon = Daemon("clamd", [clamd, "-c", str(base / "clamd.conf")], base / "clamd.out")
-    server = Clamd(port=port, base=base, daemon=daemon)
+    server = Clamd(port=port, base=base, daemon=daemon, socket_path=socket_path)
     daemon.start()
     try:
         daemon.wait_ready(server.ping, start_timeout, extra_log=lambda: _read(base / "clamd.log"))
@@ -1526,6 +1539,11 @@ class Spamd:
     daemon: Daemon
     host: str = HOST
 
+    @property
+    def bayes_dir(self) -> Path:
+        """Where the Bayes database lives (used only with `allow_tell=True`)."""
+        return self.base / "home" / "bayes"
+
     def log(self) -> str:
         return _read(self.base / "spamd.log") + self.daemon.log()
 
@@ -1546,8 +1564,14 @@ class Spamd:
 
 
 @contextlib.contextmanager
-def spamd_server(tmp_dir: Path, *, start_timeout: float = 90.0) -> Iterator[Spamd]:
-    """spamd on a free port: stock rules, Bayes off, no DNS/RBL, running as nobody."""
+def spamd_server(
+    tmp_dir: Path, *, start_timeout: float = 90.0, allow_tell: bool = False
+) -> Iterator[Spamd]:
+    """spamd on a free port: stock rules, Bayes off, no DNS/RBL, running as nobody.
+
+    allow_tell: start with --allow-tell and Bayes on (its database in `Spamd.bayes_dir`,
+    no auto-learning), so TELL requests can teach it.
+    """
     require_root()
     spamd = require("/usr/sbin/spamd", "spamd")
     require("/usr/share/spamassassin", "spamassassin")
@@ -1558,9 +1582,14 @@ def spamd_server(tmp_dir: Path, *, start_timeout: float = 90.0) -> Iterator[Spam
     _chown(home, "nobody", "nogroup")
     for pre in Path("/etc/spamassassin").glob("*.pre"):
         shutil.copy(pre, site / pre.name)
-    (site / "local.cf").write_text(
-        "required_score 5.0\nuse_bayes 0\nbayes_auto_learn 0\nskip_rbl_checks 1\ndns_available no\n"
-    )
+    bayes = "use_bayes 0\n"
+    if allow_tell:
+        bayes_dir = home / "bayes"
+        bayes_dir.mkdir()
+        _chown(bayes_dir, "nobody", "nogroup")
+        bayes = f"use_bayes 1\nbayes_path {bayes_dir}/bayes\nbayes_file_mode 0770\n"
+    rest = "bayes_auto_learn 0\nskip_rbl_checks 1\ndns_available no\n"
+    (site / "local.cf").write_text("required_score 5.0\n" + bayes + rest)
     port = free_port()
     argv = [
         spamd, f"--listen={HOST}:{port}", f"--allowed-ips={HOST}",
@@ -1569,6 +1598,8 @@ def spamd_server(tmp_dir: Path, *, start_timeout: float = 90.0) -> Iterator[Spam
         "--max-children=2", "--min-children=1", f"--pidfile={base / 'spamd.pid'}",
         f"--syslog={base / 'spamd.log'}",
     ]  # fmt: skip
+    if allow_tell:
+        argv.append("--allow-tell")
     daemon = Daemon("spamd", argv, base / "spamd.out", cwd=base)
     server = Spamd(port=port, base=base, daemon=daemon)
     daemon.start()
