@@ -87,6 +87,7 @@ class Supervisor:
                 # stop a daemon behind the supervisor's back (it would be "restarted").
                 child.process = await asyncio.create_subprocess_exec(
                     *child.argv,
+                    env=self._child_env(),
                     stdin=asyncio.subprocess.DEVNULL,
                     start_new_session=True,
                     preexec_fn=_die_with_parent,
@@ -116,6 +117,12 @@ class Supervisor:
             )
             await asyncio.sleep(child.backoff)
             child.backoff = min(child.backoff * 2, BACKOFF_MAX)
+
+    def _child_env(self) -> dict[str, str]:
+        # Daemons that read the gateway's state (the quota daemon: the user store and the
+        # Maildirs) find the data directory serve uses, however serve was told about it
+        # (file, variable or flag).
+        return {**os.environ, "MAILGATE_DATA_DIR": str(self.config.data_dir.resolve())}
 
     async def _wait_ready(self, child: Child, timeout: float) -> None:
         """Wait until the daemon accepts connections, so the first message meets it up."""
