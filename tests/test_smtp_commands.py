@@ -162,7 +162,8 @@ def test_8bitmime_and_smtputf8(gateway: Gateway) -> None:
         assert wire.cmd("DATA")[0] == 354
         wire.send("Subject: utf8\r\nFrom: jörg@bücher.example\r\n\r\nHallo\r\n.\r\n".encode())
         assert wire.reply()[0] == 250
-        code, text = wire.cmd("MAIL FROM:<a@remote.example> BODY=BINARYMIME")
+        # BODY=BINARYMIME is accepted (with BDAT: tests/test_smtp_chunking.py); others not.
+        code, text = wire.cmd("MAIL FROM:<a@remote.example> BODY=BINARY")
         assert code == 501
         code, text = wire.cmd("MAIL FROM:<a@remote.example> FOO=BAR")
         assert code == 555 and text.startswith("5.5.4")

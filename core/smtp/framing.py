@@ -37,6 +37,13 @@ class LineBuffer:
         self._buf.clear()
         self._discarding = 0
 
+    def take(self, limit: int) -> bytes:
+        """Up to ``limit`` octets from the front (a BDAT chunk's data, not a line)."""
+        data = bytes(self._buf[:limit])
+        # CPython deletes a bytearray prefix by moving its start: what remains is not copied.
+        del self._buf[:limit]
+        return data
+
     def take_all(self) -> bytes:
         data = bytes(self._buf)
         self._buf.clear()

@@ -19,7 +19,7 @@ from mailgate.core.smtp import replies
 from mailgate.core.smtp.filtering import join_message, split_message
 from mailgate.core.smtp.parser import MailPath
 from mailgate.core.smtp.replies import Reply
-from mailgate.core.spool.envelope import SpoolEnvelope
+from mailgate.core.spool.envelope import BodyType, SpoolEnvelope
 from mailgate.core.spool.queue_id import new_queue_id
 
 if TYPE_CHECKING:
@@ -197,7 +197,7 @@ class DeliveryHandler:
             auth_user=session.auth_user,
             mail_options=list(envelope.mail_options),
             rcpt_options=[_param_list(params) for params in session.rcpt_params],
-            body_type="8BITMIME" if session.body_type == "8BITMIME" else "7BIT",
+            body_type=_body_type(session.body_type),
             smtputf8=bool(envelope.smtp_utf8),
         )
         hold_reason: str | None = None
@@ -285,6 +285,15 @@ class DeliveryHandler:
                 ", ".join(f"<{r}>" for r in result.deleted_recipients) or "none",
             )
         return content, result.quarantine
+
+
+def _body_type(declared: str) -> BodyType:
+    """The envelope's body type: BINARYMIME makes delivery keep the octets unconverted."""
+    if declared == "8BITMIME":
+        return "8BITMIME"
+    if declared == "BINARYMIME":
+        return "BINARYMIME"
+    return "7BIT"
 
 
 def _param_list(params: dict[str, str | None]) -> list[str]:

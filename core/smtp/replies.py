@@ -73,6 +73,10 @@ SYNTAX_EHLO = Reply(501, "5.5.4", "Syntax: EHLO hostname")
 SYNTAX_NO_ARGS = Reply(501, "5.5.4", "Syntax error: no arguments allowed")
 PARAM_UNKNOWN = Reply(555, "5.5.4", "Unsupported parameter")
 PARAM_BAD = Reply(501, "5.5.4", "Invalid parameter value")
+# CHUNKING (RFC 3030): a DATA/BDAT mix or BINARYMIME over DATA is a bad sequence (503).
+BDAT_SYNTAX = Reply(501, "5.5.4", "Syntax: BDAT chunk-size [LAST]")
+DATA_AFTER_BDAT = Reply(503, "5.5.1", "DATA not allowed after BDAT in the same transaction")
+BINARYMIME_NEEDS_BDAT = Reply(503, "5.5.1", "BODY=BINARYMIME requires BDAT instead of DATA")
 
 
 def syntax_error(text: str) -> Reply:
@@ -101,6 +105,11 @@ EIGHT_BIT_UNANNOUNCED = Reply(
 START_DATA = "354 End data with <CR><LF>.<CR><LF>"
 SPOOL_FAILED = Reply(451, "4.3.0", "Message could not be queued, try again later")
 PROCESSING_TIMEOUT = Reply(451, "4.4.2", "Message processing timed out, try again later")
+
+
+def chunk_received(size: int) -> Reply:
+    """The reply to a BDAT chunk that is not the last one."""
+    return Reply(250, "2.0.0", f"{size} octets received")
 
 
 def queued(queue_id: str) -> Reply:

@@ -4,9 +4,11 @@ aiosmtpd provides the connection plumbing, the STARTTLS upgrade, the command dis
 ``smtp_*`` methods, the AUTH exchange and its handler-hook calling convention. This class
 replaces what falls short there: the read loop (our sans-I/O framing with per-state
 RFC 5321 timeouts, the 1000-octet line limit, a hard error limit, graceful shutdown),
-EHLO/HELO, MAIL/RCPT (our parser, SIZE/BODY/SMTPUTF8), a bulk DATA reader, and
-asynchronous, throttled AUTH PLAIN/LOGIN. Decisions about addresses and the spool live in
-the handler (``mailgate.core.smtp.handler``); every reply comes from ``replies``.
+EHLO/HELO, MAIL/RCPT (our parser, SIZE/BODY/SMTPUTF8), a bulk DATA reader, BDAT
+(RFC 3030 CHUNKING and BINARYMIME, which aiosmtpd lacks) and asynchronous, throttled AUTH
+PLAIN/LOGIN. DATA and BDAT share one end-of-message path (``_finish_message``).
+Decisions about addresses and the spool live in the handler
+(``mailgate.core.smtp.handler``); every reply comes from ``replies``.
 """
 
 from __future__ import annotations
@@ -24,7 +26,8 @@ from aiosmtpd.smtp import SMTP, AuthResult, Envelope, Session, TLSSetupException
 
 from mailgate.core.milter import MilterChain, SessionInfo, StageResult
 from mailgate.core.smtp import replies
-from mailgate.core.smtp.framing import DataReader, LineBuffer, TooLong
+from mailgate.core.smtp.chunking import BdatSyntaxError, ChunkedBody, ChunkReader, parse_bdat
+from mailgate.core.smtp.framing import DataReader, DataResult, LineBuffer, TooLong
 from mailgate.core.smtp.parser import (
     CommandSyntaxError,
     MailPath,
@@ -84,6 +87,10 @@ class MailgateSMTP(SMTP):
         self.body_type = "7BIT"
         self.in_transaction = False
         self.rcpt_params: list[dict[str, str | None]] = []
+        # The BDAT message of the transaction (None until its first chunk), and the reply
+        # every further chunk gets once one failed (RFC 3030: the transaction has failed).
+        self.chunked: ChunkedBody | None = None
+        self.chunk_failure: Reply | None = None
         self.milters: MilterChain | None = None
         self.milter_info: SessionInfo | None = None
         # A refusal from the chain at connect time answers every later command but QUIT.
@@ -335,10 +342,18 @@ class MailgateSMTP(SMTP):
 
     async def _milter_refused(self, stage: str, result: StageResult) -> bool:
         """Answer the command with the chain's refusal, if it refused; True when it did."""
+        refusal = await self._milter_refusal_of(stage, result)
+        if refusal is None:
+            return False
+        await self.reply(refusal)
+        return True
+
+    async def _milter_refusal_of(self, stage: str, result: StageResult) -> Reply | None:
+        """The chain's refusal (logged) without answering yet; closes on a disconnect."""
         if result.disconnect:
             await self._close_with(result.reply or replies.SHUTTING_DOWN)
         if not result.refused or result.reply is None:
-            return False
+            return None
         log.info(
             "%s: %s: milter-reject: %s from [%s]: %s (milter %s)",
             self.session_id,
@@ -348,8 +363,7 @@ class MailgateSMTP(SMTP):
             result.reply,
             result.milter,
         )
-        await self.reply(result.reply)
-        return True
+        return result.reply
 
     async def _milter_abort(self) -> None:
         if self.milters is not None and self.in_transaction:
@@ -373,7 +387,8 @@ class MailgateSMTP(SMTP):
         except CommandSyntaxError as exc:
             await self.reply(exc.reply)
             return
-        if self.milter_refusal is not None and command.verb not in ("QUIT", "NOOP", "RSET"):
+        # BDAT answers a refusal itself: it must first consume its chunk's octets.
+        if self.milter_refusal is not None and command.verb not in ("QUIT", "NOOP", "RSET", "BDAT"):
             await self.reply(self.milter_refusal)
             return
         method = self._smtp_methods.get(command.verb)
@@ -403,6 +418,8 @@ class MailgateSMTP(SMTP):
         self.queue_id = None
         self.body_type = "7BIT"
         self.rcpt_params = []
+        self.chunked = None
+        self.chunk_failure = None
 
     # -- commands ----------------------------------------------------------------------
 
@@ -441,6 +458,8 @@ class MailgateSMTP(SMTP):
             "PIPELINING",
             f"SIZE {self.context.config.max_message_size}",
             "8BITMIME",
+            "BINARYMIME",
+            "CHUNKING",
             "SMTPUTF8",
             "ENHANCEDSTATUSCODES",
         ]
@@ -685,8 +704,9 @@ class MailgateSMTP(SMTP):
                 if int(value) > self.context.config.max_message_size:
                     return replies.SIZE_EXCEEDED
             elif key == "BODY":
-                if value is None or value.upper() not in ("7BIT", "8BITMIME"):
-                    return replies.PARAM_BAD.with_text("BODY must be 7BIT or 8BITMIME")
+                # BINARYMIME needs CHUNKING (RFC 3030 section 3), offered after every EHLO.
+                if value is None or value.upper() not in ("7BIT", "8BITMIME", "BINARYMIME"):
+                    return replies.PARAM_BAD.with_text("BODY must be 7BIT, 8BITMIME or BINARYMIME")
             elif key == "SMTPUTF8":
                 if value is not None:
                     return replies.PARAM_BAD.with_text("SMTPUTF8 takes no value")
@@ -754,6 +774,13 @@ class MailgateSMTP(SMTP):
         if arg:
             await self.reply(replies.SYNTAX_NO_ARGS)
             return
+        if self.bdat_started:
+            await self.reply(replies.DATA_AFTER_BDAT)
+            return
+        if self.body_type == "BINARYMIME":
+            # RFC 3030 section 3: binary content cannot be sent with DATA.
+            await self.reply(replies.BINARYMIME_NEEDS_BDAT)
+            return
         if (
             self.milters is not None
             and self.milter_info is not None
@@ -769,7 +796,96 @@ class MailgateSMTP(SMTP):
             rest = reader.feed(await self._fill(timeout))
             timeout = config.data_block_timeout
         self.lines.feed(rest)
-        result = reader.result()
+        await self._finish_message(reader.result())
+
+    @property
+    def bdat_started(self) -> bool:
+        """Whether the transaction has seen a BDAT chunk (accepted or failed)."""
+        return self.chunked is not None or self.chunk_failure is not None
+
+    @syntax("BDAT chunk-size [LAST]")
+    async def smtp_BDAT(self, arg: str | None) -> None:
+        """One chunk of a message (RFC 3030), answered after all its octets are read.
+
+        Every BDAT that announces a size is followed by that many octets, whatever the
+        reply: they are always consumed (kept or discarded), so a refused chunk never
+        leaves its octets to be read as commands.
+        """
+        try:
+            command = parse_bdat(arg or "")
+        except BdatSyntaxError as exc:
+            if exc.size is not None:
+                await self._read_chunk(ChunkReader(exc.size))
+            await self.reply(exc.reply)
+            return
+        refusal = await self._bdat_refusal()
+        if refusal is not None:
+            await self._read_chunk(ChunkReader(command.size))
+            if command.last and self.chunk_failure is not None:
+                # The failed transaction ends with its last chunk, as the message would have.
+                await self._milter_abort()
+                self._reset_transaction()
+            await self.reply(refusal)
+            return
+        assert self.chunked is not None
+        await self._read_chunk(self.chunked.begin(command.size))
+        if command.last:
+            await self._finish_message(self.chunked.result())
+        elif self.chunked.size_exceeded:
+            # Reported on the chunk that crossed the limit; later chunks get the same reply
+            # and are discarded until BDAT LAST or RSET ends the transaction.
+            log.info("%s: message too large from [%s]", self.session_id, self.client_ip)
+            self.chunk_failure = replies.SIZE_EXCEEDED
+            await self.reply(replies.SIZE_EXCEEDED)
+        else:
+            await self.reply(replies.chunk_received(command.size))
+
+    async def _bdat_refusal(self) -> Reply | None:
+        """Why this BDAT chunk cannot be taken, or None; the first one starts the message.
+
+        Nothing is answered here: the reply must wait until the chunk has been read.
+        """
+        if self.milter_refusal is not None:
+            return self.milter_refusal
+        if not self.sess.host_name:
+            return replies.NEED_HELO
+        if self._auth_required and not self.sess.authenticated:
+            return replies.AUTH_REQUIRED
+        if not self.in_transaction:
+            return replies.NEED_MAIL
+        if not self.env.rcpt_tos:
+            return replies.NEED_RCPT
+        if self.chunk_failure is not None:
+            return self.chunk_failure
+        if self.chunked is None:
+            # The first chunk is where DATA would be: the chain's DATA stage runs here.
+            if self.milters is not None and self.milter_info is not None:
+                result = await self.milters.data(self.milter_info)
+                refusal = await self._milter_refusal_of("BDAT", result)
+                if refusal is not None:
+                    self.chunk_failure = refusal
+                    return refusal
+            self.chunked = ChunkedBody(self.context.config.max_message_size)
+        return None
+
+    async def _read_chunk(self, reader: ChunkReader) -> None:
+        """Feed ``reader`` its octets: first those already buffered, then from the socket.
+
+        The DATA timeouts apply: ``data_init_timeout`` until the chunk's first octet,
+        ``data_block_timeout`` for each later wait. Octets after the chunk (pipelined
+        commands) stay buffered for the command loop.
+        """
+        config = self.context.config
+        if not reader.done and len(self.lines):
+            reader.feed(self.lines.take(reader.remaining))
+        while not reader.done:
+            timeout = config.data_block_timeout if reader.received else config.data_init_timeout
+            rest = reader.feed(await self._fill(timeout))
+            if rest:
+                self.lines.feed(rest)
+
+    async def _finish_message(self, result: DataResult) -> None:
+        """The end of a message, from DATA's final dot or BDAT LAST: check, accept, answer."""
         reply = self._check_body(result.size_exceeded, result.line_too_long, result.has_8bit)
         if reply is None:
             reply = await self._accept(result.content)
