@@ -20,6 +20,7 @@ def _registrars() -> list[Registrar]:
     from mailgate.core.spool.cli import register as register_queue
     from mailgate.core.users.cli import register as register_users
     from mailgate.milters.cli import register as register_milter
+    from mailgate.milters.spam_cli import register as register_spam
 
     return [
         register_serve,
@@ -28,6 +29,7 @@ def _registrars() -> list[Registrar]:
         register_queue,
         register_rules,
         register_milter,
+        register_spam,
     ]
 
 

@@ -105,3 +105,8 @@ register(
     "virus scanning with clamd (INSTREAM over TCP or a Unix socket)",
     "mailgate.milters.clamav:ClamavMilter",
 )
+register(
+    "spamassassin",
+    "SpamAssassin's score from spamd (SPAMD protocol): tag, quarantine or reject by rules",
+    "mailgate.milters.spamassassin:SpamAssassinMilter",
+)
