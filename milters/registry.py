@@ -101,12 +101,22 @@ register(
     "mailgate.milters.dnsbl:DnsblMilter",
 )
 register(
-    "clamav",
-    "virus scanning with clamd (INSTREAM over TCP or a Unix socket)",
-    "mailgate.milters.clamav:ClamavMilter",
+    "greylist",
+    "greylisting of unknown (client network, sender, recipient) triplets at RCPT TO",
+    "mailgate.milters.greylist:GreylistMilter",
+)
+register(
+    "ratelimit",
+    "sliding-window limits on connections, messages and recipients per client, user, domain",
+    "mailgate.milters.ratelimit:RateLimitMilter",
 )
 register(
     "spamassassin",
     "SpamAssassin's score from spamd (SPAMD protocol): tag, quarantine or reject by rules",
     "mailgate.milters.spamassassin:SpamAssassinMilter",
+)
+register(
+    "clamav",
+    "virus scanning with clamd (INSTREAM over TCP or a Unix socket)",
+    "mailgate.milters.clamav:ClamavMilter",
 )
