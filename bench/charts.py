@@ -120,7 +120,33 @@ def chart_d(d: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
-CHARTS = {"A": chart_a, "B": chart_b, "C": chart_c, "D": chart_d}
+def chart_e(e: dict[str, Any], path: Path) -> None:
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.5))
+    names = list(e["per_daemon"])
+    costs = e["cost_per_message"]
+    series = {
+        "time ms/msg": [max(costs[n].get("ms_per_msg") or 0, 0) for n in names],
+        "serve+daemon CPU ms/msg": [
+            max(costs[n].get("server_cpu_ms_per_msg") or 0, 0) for n in names
+        ],
+        "backend CPU ms/msg": [costs[n].get("backend_cpu_ms_per_msg") or 0 for n in names],
+    }
+    _bars(left, names, series, log=False)
+    left.set_ylabel("cost per message, ms")
+    left.legend(fontsize=8)
+    left.set_title("each daemon alone, minus no daemon", fontsize=10)
+    peers = e["peers"]
+    chain = e["chain"]["median"]
+    _bars(right, peers, {"msg/s": [chain.get(p, {}).get("rate") or 0 for p in peers]}, log=False)
+    right.set_ylabel("messages/s")
+    right.set_title("six daemons vs postgrey+clamav-milter+spamass-milter", fontsize=10)
+    fig.suptitle(e["title"])
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+CHARTS = {"A": chart_a, "B": chart_b, "C": chart_c, "D": chart_d, "E": chart_e}
 
 
 def write_charts(scenarios: dict[str, Any], directory: Path, prefix: str) -> list[Path]:

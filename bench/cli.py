@@ -1,6 +1,6 @@
 """`python -m bench`: run the scenarios, write JSON, Markdown and PNG charts.
 
-    .venv/bin/python -m bench [--smoke] [--scenarios A,B,C,D] [--repeats N] [--out DIR]
+    .venv/bin/python -m bench [--smoke] [--scenarios A,B,C,D,E] [--repeats N] [--out DIR]
 
 Runs as root (Postfix's master must). Full run: ~10-15 minutes on 2 cores; ``--smoke``:
 tiny counts, one repeat, well under a minute, to keep the suite working in CI.
@@ -21,7 +21,16 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from bench import charts, report, scenario_a, scenario_b, scenario_c, scenario_d, servers
+from bench import (
+    charts,
+    report,
+    scenario_a,
+    scenario_b,
+    scenario_c,
+    scenario_d,
+    scenario_e,
+    servers,
+)
 from bench.common import Settings
 
 SCENARIOS = {
@@ -29,6 +38,7 @@ SCENARIOS = {
     "B": scenario_b.run,
     "C": scenario_c.run,
     "D": scenario_d.run,
+    "E": scenario_e.run,
 }
 RESULTS = Path(__file__).resolve().parent / "results"
 DEFAULT_WORK = Path("/var/tmp/mailgate-bench")
@@ -71,7 +81,7 @@ def _postfix_version() -> str:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n")[0])
     ap.add_argument("--smoke", action="store_true", help="tiny counts, 1 repeat (CI)")
-    ap.add_argument("--scenarios", default="A,B,C,D", help="comma-separated, e.g. A,C")
+    ap.add_argument("--scenarios", default="A,B,C,D,E", help="comma-separated, e.g. A,C")
     ap.add_argument("--repeats", type=int, default=None, help="default 3 (smoke: 1)")
     ap.add_argument("--out", type=Path, default=None, help="default bench/results[/smoke]")
     ap.add_argument("--work", type=Path, default=DEFAULT_WORK, help="scratch dir (not tmpfs)")

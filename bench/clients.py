@@ -126,7 +126,7 @@ def measured(
     ``extra_pids`` (milters) are measured separately as ``helper_cpu_s``.
     """
     before = peer.delivered() if wait_delivery is not None else 0
-    meter = procs.Meter([peer.pid]).start()
+    meter = procs.Meter([peer.pid, *peer.companions]).start()
     helpers = procs.Meter(extra_pids).start() if extra_pids else None
     start = time.perf_counter()
     result = load()

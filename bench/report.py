@@ -252,6 +252,41 @@ def _scenario_d(d: dict[str, Any]) -> list[str]:
     return out
 
 
+def _scenario_e(e: dict[str, Any]) -> list[str]:
+    out = [f"## {e['title']}", "", "Each daemon alone against no daemon, same run:", ""]
+    out += [
+        "| daemon | msg/s with | msg/s without | cost ms/msg | serve+daemon CPU ms/msg "
+        "| backend CPU ms/msg |",
+        "| --- | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for name, point in e["per_daemon"].items():
+        cost = e["cost_per_message"].get(name, {})
+        with_daemon = point["median"].get(name, {})
+        without = point["median"].get("none", {})
+        out.append(
+            f"| {name} | {_f(with_daemon.get('rate'), 0)} | {_f(without.get('rate'), 0)} "
+            f"| {_f(cost.get('ms_per_msg'), 3)} | {_f(cost.get('server_cpu_ms_per_msg'), 3)} "
+            f"| {_f(cost.get('backend_cpu_ms_per_msg'), 3)} |"
+        )
+    out += ["", "The chain, same messages, same backends:", ""]
+    out += [
+        "| peer | msg/s | ms/msg | server CPU ms/msg | backend CPU ms/msg | p50 ms | p99 ms "
+        "| peak RSS MB |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for peer in e["peers"]:
+        m = e["chain"]["median"].get(peer, {})
+        out.append(
+            f"| {peer} | {_f(m.get('rate'), 0)} | {_f(m.get('ms_per_msg'), 2)} "
+            f"| {_f(m.get('server_cpu_ms_per_msg'), 3)} "
+            f"| {_f(m.get('backend_cpu_ms_per_msg'), 3)} | {_f(m.get('latency_ms.p50'), 1)} "
+            f"| {_f(m.get('latency_ms.p99'), 1)} | {_f(m.get('peak_rss_mb'), 0)} |"
+        )
+    out += [""]
+    out += [f"- {label}: {_ratio(value)}" for label, value in e["ratios"].items()]
+    return out
+
+
 def markdown(result: dict[str, Any]) -> str:
     meta = result["meta"]
     lines = [
@@ -275,6 +310,7 @@ def markdown(result: dict[str, Any]) -> str:
         ("B", _scenario_b),
         ("C", _scenario_c),
         ("D", _scenario_d),
+        ("E", _scenario_e),
     ):
         if key in scenarios:
             lines += ["", *render(scenarios[key])]

@@ -15,6 +15,7 @@ import os
 import shutil
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -27,12 +28,17 @@ DOMAIN = "test.example"
 RECIPIENT = f"bench@{DOMAIN}"
 
 
-def test_peers() -> ModuleType:
-    """tests/peers.py, imported from the repository (it is not part of the package)."""
+def test_module(name: str) -> ModuleType:
+    """A helper module of tests/ (not part of the package), imported from the repository."""
     tests = str(REPO / "tests")
     if tests not in sys.path:
         sys.path.insert(0, tests)
-    return importlib.import_module("peers")
+    return importlib.import_module(name)
+
+
+def test_peers() -> ModuleType:
+    """tests/peers.py: the real peers' recipes."""
+    return test_module("peers")
 
 
 def clean_env() -> dict[str, str]:
@@ -66,6 +72,8 @@ def _add_user(data_dir: Path) -> None:
     try:
         if RECIPIENT not in store.list_users():
             store.add_user(RECIPIENT, "benchmark password")
+            # A quota far above any run, so the quota daemon measures but never refuses.
+            store.set_limits(RECIPIENT, storage=1 << 50)
     finally:
         store.close()
 
@@ -78,6 +86,9 @@ class Peer:
         self.work = work
         self.port = 0
         self.daemon: Any = None
+        # Processes outside the peer's own tree that do its work (Postfix's policy server
+        # and milters), measured as part of the server.
+        self.companions: list[int] = []
 
     @property
     def pid(self) -> int:
@@ -169,12 +180,20 @@ class MailgateServe(Peer):
     delivers = True
 
     def __init__(
-        self, work: Path, *, loop: str = "asyncio", milters: list[str] | None = None
+        self,
+        work: Path,
+        *,
+        loop: str = "asyncio",
+        milters: list[str] | None = None,
+        config: str = "",
+        name: str | None = None,
     ) -> None:
         super().__init__(work)
         self.loop = loop
         self.milters = milters or []
-        self.name = "mailgate" if loop == "asyncio" else f"mailgate-{loop}"
+        # YAML for MAILGATE_CONFIG (a chain of policy daemons with their rule files).
+        self.config = config
+        self.name = name or ("mailgate" if loop == "asyncio" else f"mailgate-{loop}")
         self.data_dir = work / f"{self.name}-data"
 
     @property
@@ -203,6 +222,11 @@ class MailgateServe(Peer):
                 ),
             }
         )
+        if self.config:
+            config = self.data_dir / "config.yaml"
+            config.write_text(self.config)
+            env["MAILGATE_CONFIG"] = str(config)
+            del env["MAILGATE_MILTERS"]
         self._launch([MAILGATE, "serve"], "mailgate ready", env=env)
         return self
 
@@ -216,9 +240,18 @@ class Postfix(Peer):
     name = "postfix"
     delivers = True
 
-    def __init__(self, work: Path, *, milters: list[str] | None = None) -> None:
+    def __init__(
+        self,
+        work: Path,
+        *,
+        milters: list[str] | None = None,
+        main_cf: dict[str, str] | None = None,
+        name: str = "postfix",
+    ) -> None:
         super().__init__(work)
         self.milters = milters or []
+        self.main_cf = main_cf or {}
+        self.name = name
         self._stack: contextlib.ExitStack | None = None
         self.mta: Any = None
 
@@ -235,7 +268,11 @@ class Postfix(Peer):
                 tp.postfix_with_milter(
                     self.work,
                     self.milters or None,
-                    main_cf={"milter_connect_timeout": "30s", "milter_command_timeout": "30s"},
+                    main_cf={
+                        "milter_connect_timeout": "30s",
+                        "milter_command_timeout": "30s",
+                        **self.main_cf,
+                    },
                 )
             )
         except BaseException:
@@ -315,3 +352,31 @@ def wait_delivered(peer: Peer, target: int, timeout: float) -> float | None:
 
 def remove_tree(path: Path) -> None:
     shutil.rmtree(path, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def postgrey(work: Path, delay: int) -> Iterator[Any]:
+    """postgrey (Postfix's greylisting policy server) on a free loopback port."""
+    tp = test_peers()
+    binary = shutil.which("postgrey") or "/usr/sbin/postgrey"
+    if not os.path.exists(binary):
+        raise tp.PeerUnavailable("postgrey is not installed (Debian package postgrey)")
+    work.mkdir(parents=True, exist_ok=True)
+    db = work / "db"
+    db.mkdir(exist_ok=True)
+    shutil.chown(db, "postgrey", "postgrey")
+    tp.make_traversable(db)  # postgrey runs as its own user, e.g. under pytest's tmp dir
+    port = tp.free_port()
+    argv = [
+        binary, f"--inet=127.0.0.1:{port}", f"--dbdir={db}", f"--delay={delay}",
+        "--user=postgrey", "--group=postgrey", f"--pidfile={work / 'postgrey.pid'}",
+        "--whitelist-clients=/dev/null", "--whitelist-recipients=/dev/null",
+    ]  # fmt: skip
+    daemon = tp.Daemon("postgrey", argv, work / "postgrey.out", cwd=work)
+    daemon.start()
+    try:
+        daemon.wait_ready(lambda: tp._port_open(port), 30.0)
+        daemon.port = port
+        yield daemon
+    finally:
+        daemon.stop()

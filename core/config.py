@@ -205,6 +205,10 @@ def _to_milter(value: Any) -> Any:
     return {"name": name.strip(), "socket": target.strip()}
 
 
+# sockaddr_un.sun_path holds 108 bytes, the final NUL included.
+_MAX_UNIX_PATH = 107
+
+
 class Config(BaseModel):
     """Every setting of the core. See docs/configuration.md for the meaning of each."""
 
@@ -303,6 +307,17 @@ class Config(BaseModel):
         for name in names:
             if names.count(name) > 1:
                 raise ValueError(f"milters: the name {name!r} is used twice")
+        for milter in self.milters:
+            if milter.daemon is None or milter.socket is not None:
+                continue
+            path = self.milter_socket(milter).removeprefix("unix:")
+            if len(os.fsencode(path)) > _MAX_UNIX_PATH:
+                # bind() would fail in the daemon, over and over, far from this file.
+                raise ValueError(
+                    f"milters: {milter.name}: its socket {path} is longer than a Unix socket "
+                    f"path may be ({_MAX_UNIX_PATH} bytes); use a shorter data_dir, or give "
+                    "the milter a socket"
+                )
         return self
 
     def milter_socket(self, milter: MilterConfig) -> str:

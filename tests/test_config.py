@@ -176,3 +176,19 @@ def test_relay_networks_cannot_open_the_relay_by_accident() -> None:
         None, environ={"MAILGATE_RELAY_NETWORKS": "::/0", "MAILGATE_OPEN_RELAY": "true"}
     )
     assert config.open_relay
+
+
+def test_a_daemon_socket_path_too_long_for_unix_sockets_is_a_config_error(tmp_path: Path) -> None:
+    deep = tmp_path / ("d" * 60) / ("e" * 40)
+    env = {"MAILGATE_DATA_DIR": str(deep), "MAILGATE_MILTERS": "spamassassin=daemon"}
+    with pytest.raises(ConfigError) as caught:
+        load_config(environ=env)
+    assert any(
+        "milters: spamassassin: its socket" in problem and "longer than a Unix socket" in problem
+        for problem in caught.value.problems
+    ), caught.value.problems
+    # A milter with its own socket, or a short data directory, is fine.
+    env["MAILGATE_MILTERS"] = "spamassassin=inet:127.0.0.1:10030"
+    assert load_config(environ=env).milters[0].socket == "inet:127.0.0.1:10030"
+    env.update(MAILGATE_DATA_DIR=str(tmp_path / "v"), MAILGATE_MILTERS="spamassassin=daemon")
+    assert load_config(environ=env).milters[0].daemon == "spamassassin"

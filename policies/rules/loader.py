@@ -28,18 +28,18 @@ from mailgate.policies.yamllines import YamlPath, YamlSyntaxError, load_with_lin
 _KNOWN_KEYS = sorted(known_keys())
 
 
-class _RuleLoader(yaml.SafeLoader):
+class RuleLoader(yaml.SafeLoader):
     """YAML 1.2 booleans: only true/false. In a rule file ``is: yes`` or ``contains: on``
     compare against the text as written, not against a boolean (YAML 1.1 would turn them
     into True); settings that really are booleans still accept yes/no through validation.
     """
 
 
-_RuleLoader.yaml_implicit_resolvers = {
+RuleLoader.yaml_implicit_resolvers = {
     first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:bool"]
     for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
 }
-_RuleLoader.add_implicit_resolver(
+RuleLoader.add_implicit_resolver(
     "tag:yaml.org,2002:bool",
     re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"),
     list("tTfF"),
@@ -135,7 +135,7 @@ Problem = tuple[int, str]
 
 def _read_yaml(text: str, filename: str) -> tuple[Any, dict[YamlPath, int], list[Problem]]:
     try:
-        data, lines, duplicates = load_with_lines(text, _RuleLoader)
+        data, lines, duplicates = load_with_lines(text, RuleLoader)
     except YamlSyntaxError as exc:
         where = f"{filename}:{exc.line}" if exc.line is not None else filename
         raise RuleError([f"{where}: invalid YAML: {exc.problem}"]) from None
