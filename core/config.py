@@ -9,6 +9,7 @@ where the bad value came from: ``file:line: field: message`` for the YAML file,
 from __future__ import annotations
 
 import ipaddress
+import json
 import os
 import re
 import socket
@@ -33,6 +34,8 @@ from mailgate.policies.yamllines import YamlSyntaxError, load_with_lines
 ENV_PREFIX = "MAILGATE_"
 _SIZE_UNITS = {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3}
 _SIZE_RE = re.compile(r"^\s*(\d+)\s*([kKmMgG]?)[bB]?\s*$")
+_DURATION_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+_DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdwSMHDW]?)\s*$")
 _DOMAIN_RE = re.compile(
     r"^(?=.{1,253}$)(?!-)[a-z0-9-]{1,63}(?<!-)(\.(?!-)[a-z0-9-]{1,63}(?<!-))*$", re.IGNORECASE
 )
@@ -193,6 +196,88 @@ class MilterConfig(BaseModel):
         return self
 
 
+TlsMode = Literal["opportunistic", "starttls", "implicit", "none"]
+_ROUTE_HOST = re.compile(r"^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]+)$")
+
+
+class RouteConfig(BaseModel):
+    """One outbound route: mail for ``domain`` (``*`` = every remote domain) goes to a fixed
+    next hop instead of the domain's MX hosts. See docs/relay.md."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    domain: str
+    host: str
+    port: int = Field(default=25, ge=1, le=65535)
+    tls: TlsMode = "opportunistic"
+    tls_verify: bool = False
+    username: str | None = None
+    password: str | None = Field(default=None, repr=False)
+
+    @field_validator("domain")
+    @classmethod
+    def _route_domain(cls, value: str) -> str:
+        if value == "*":
+            return value
+        return _to_domain(value)
+
+    @field_validator("host")
+    @classmethod
+    def _route_host(cls, value: str) -> str:
+        if not _ROUTE_HOST.match(value):
+            raise ValueError(f"{value!r}: expected a host name, an IPv4 address or [IPv6]")
+        return value.strip("[]")
+
+    @model_validator(mode="after")
+    def _credentials(self) -> RouteConfig:
+        if (self.username is None) != (self.password is None):
+            raise ValueError(f"route {self.domain!r}: username and password go together")
+        if self.username is not None and self.tls in ("opportunistic", "none"):
+            # Credentials never cross the network in clear text.
+            raise ValueError(f"route {self.domain!r}: AUTH needs tls: starttls or implicit")
+        return self
+
+
+def _to_route(value: Any) -> Any:
+    """``DOMAIN=HOST[:PORT]`` (``*=HOST:PORT`` for a smarthost), or a mapping."""
+    if not isinstance(value, str):
+        return value
+    domain, sep, target = value.partition("=")
+    if not sep:
+        raise ValueError(f"{value!r}: expected DOMAIN=HOST[:PORT] or a mapping")
+    target = target.strip()
+    host, port = target, "25"
+    if target.startswith("["):
+        close = target.find("]")
+        host, rest = target[: close + 1], target[close + 1 :]
+        port = rest[1:] if rest.startswith(":") else port
+    elif target.count(":") == 1:
+        host, _, port = target.partition(":")
+    return {"domain": domain.strip(), "host": host, "port": port}
+
+
+def _routes_list(value: Any) -> Any:
+    # A JSON list in a variable or flag carries the full mappings (tls, credentials).
+    if isinstance(value, str) and value.strip().startswith("["):
+        try:
+            return json.loads(value)
+        except ValueError as exc:
+            raise ValueError(f"relay_routes: invalid JSON: {exc}") from None
+    return _split_list(value)
+
+
+def parse_duration(value: Any) -> float:
+    """Accept 300, "300", "300s", "5m", "4h", "5d"."""
+    if isinstance(value, bool):
+        raise ValueError("expected a duration such as 300, 5m, 4h or 5d")
+    if isinstance(value, int | float):
+        return float(value)
+    match = _DURATION_RE.match(str(value))
+    if not match:
+        raise ValueError(f"expected a duration such as 300, 5m, 4h or 5d, got {value!r}")
+    return float(match.group(1)) * _DURATION_UNITS[match.group(2).lower()]
+
+
 def _to_milter(value: Any) -> Any:
     """``NAME=SOCKET`` or ``NAME=daemon`` (a built-in daemon on its default socket)."""
     if not isinstance(value, str):
@@ -262,6 +347,26 @@ class Config(BaseModel):
     milter_command_timeout: float = Field(default=30.0, gt=0)
     milter_content_timeout: float = Field(default=300.0, gt=0)
 
+    # Outbound delivery (docs/relay.md).
+    outbound_delivery: bool = True
+    dns_nameservers: list[str] = Field(default_factory=list)
+    dns_timeout: float = Field(default=5.0, gt=0)
+    relay_port: int = Field(default=25, ge=1, le=65535)
+    relay_tls: Literal["opportunistic", "none"] = "opportunistic"
+    relay_routes: list[Annotated[RouteConfig, BeforeValidator(_to_route)]] = Field(
+        default_factory=list
+    )
+    relay_concurrency: int = Field(default=20, ge=1, le=1000)
+    relay_destination_concurrency: int = Field(default=10, ge=1, le=1000)
+    relay_connect_timeout: float = Field(default=30.0, gt=0)
+    relay_command_timeout: float = Field(default=300.0, gt=0)
+    relay_connection_cache_time: float = Field(default=2.0, ge=0)
+    relay_retry_base: float = Field(default=300.0, gt=0)
+    relay_retry_max: float = Field(default=4000.0, gt=0)
+    relay_max_lifetime: float = Field(default=5 * 86400.0, ge=0)
+    relay_delay_warning: float = Field(default=4 * 3600.0, ge=0)
+    max_hops: int = Field(default=50, ge=1)
+
     event_loop: Literal["asyncio", "uvloop"] = "uvloop"
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
@@ -272,6 +377,7 @@ class Config(BaseModel):
         "local_domains",
         "relay_networks",
         "milters",
+        "dns_nameservers",
         mode="before",
     )
     @classmethod
@@ -282,6 +388,39 @@ class Config(BaseModel):
     @classmethod
     def _size(cls, value: Any) -> Any:
         return parse_size(value)
+
+    @field_validator("relay_routes", mode="before")
+    @classmethod
+    def _routes(cls, value: Any) -> Any:
+        return _routes_list(value)
+
+    @field_validator(
+        "relay_retry_base",
+        "relay_retry_max",
+        "relay_max_lifetime",
+        "relay_delay_warning",
+        mode="before",
+    )
+    @classmethod
+    def _duration(cls, value: Any) -> Any:
+        return parse_duration(value)
+
+    @field_validator("dns_nameservers")
+    @classmethod
+    def _nameservers(cls, value: list[str]) -> list[str]:
+        from mailgate.policies.settings import parse_nameserver
+
+        for server in value:
+            parse_nameserver(server)
+        return value
+
+    @model_validator(mode="after")
+    def _unique_routes(self) -> Config:
+        domains = [route.domain for route in self.relay_routes]
+        for domain in domains:
+            if domains.count(domain) > 1:
+                raise ValueError(f"relay_routes: the domain {domain!r} has two routes")
+        return self
 
     @field_validator("log_level", mode="before")
     @classmethod

@@ -33,3 +33,20 @@ class DeliveryError(MailgateError):
     def __init__(self, message: str, *, permanent: bool = False) -> None:
         super().__init__(message)
         self.permanent = permanent
+
+
+class RelayError(MailgateError):
+    """Outbound delivery to one destination failed this time, or for good.
+
+    ``status`` is the RFC 3463 code reported in a notification (4.x.x temporary, 5.x.x
+    permanent); ``reply`` the remote server's reply, if the failure came from one.
+    """
+
+    def __init__(self, message: str, *, status: str, reply: str = "") -> None:
+        super().__init__(message)
+        self.status = status
+        self.reply = reply
+
+    @property
+    def permanent(self) -> bool:
+        return self.status.startswith("5")

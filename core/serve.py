@@ -1,4 +1,4 @@
-"""`mailgate serve`: start the gateway (listeners, spool, local delivery) and supervise it.
+"""`mailgate serve`: start the gateway (listeners, spool, local and outbound delivery).
 
 Everything is checked and bound before the first message is accepted: a bad setting, a
 missing certificate or a port in use stops the start with a clear message, never a
@@ -16,7 +16,9 @@ import sys
 
 from mailgate.core.config import Config
 from mailgate.core.config_cli import add_config_option, add_setting_flags, config_from_args
+from mailgate.core.dns import Resolver
 from mailgate.core.errors import ConfigError
+from mailgate.core.relay.queue import RelayAgent
 from mailgate.core.smtp.server import ServerContext, SmtpServer
 from mailgate.core.spool.delivery import DeliveryAgent
 from mailgate.core.spool.maildir import MaildirStore
@@ -47,13 +49,22 @@ async def run_gateway(config: Config, *, ready: asyncio.Event | None = None) -> 
     spool = Spool(config.spool_dir)
     maildir = MaildirStore(config.mail_dir, config.hostname)
     local_domains = set(config.local_domains)
+    relay: RelayAgent | None = None
+    if config.outbound_delivery:
+        resolver = Resolver(config.dns_nameservers, timeout=config.dns_timeout)
+        relay = RelayAgent(spool, config, resolver)
     delivery = DeliveryAgent(
         spool,
         maildir,
         users,
         concurrency=config.delivery_concurrency,
         is_local_domain=lambda domain: domain in local_domains or users.is_local_domain(domain),
+        outbound=relay.submit if relay is not None else None,
     )
+    if relay is not None:
+        # Notifications are new messages: local delivery takes them to a local sender's
+        # Maildir, or back to the outbound queue for a remote one.
+        relay.local_submit = delivery.submit
     context = ServerContext(
         config=config,
         users=users,
@@ -72,7 +83,7 @@ async def run_gateway(config: Config, *, ready: asyncio.Event | None = None) -> 
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
     loop.add_signal_handler(signal.SIGHUP, supervisor.reload)
-    loop.add_signal_handler(signal.SIGUSR1, delivery.scan_now)
+    loop.add_signal_handler(signal.SIGUSR1, lambda: _scan_now(delivery, relay))
     await supervisor.start()
     try:
         await server.start()
@@ -82,6 +93,8 @@ async def run_gateway(config: Config, *, ready: asyncio.Event | None = None) -> 
         spool.close()
         raise
     await delivery.start()
+    if relay is not None:
+        await relay.start()
 
     # Published once serving: `queue quarantine release` signals this pid.
     write_pid_file(config)
@@ -100,12 +113,21 @@ async def run_gateway(config: Config, *, ready: asyncio.Event | None = None) -> 
     log.info("shutting down: no new connections; grace %.0fs", config.shutdown_grace)
     await server.shutdown(config.shutdown_grace)
     await supervisor.stop()
+    if relay is not None:
+        await relay.stop()
     await delivery.stop()
     spool.close()
     users.close()
     remove_pid_file(config)
     log.info("stopped")
     return 0
+
+
+def _scan_now(delivery: DeliveryAgent, relay: RelayAgent | None) -> None:
+    """SIGUSR1: deliver what waits in incoming/ and act on queued operator requests."""
+    delivery.scan_now()
+    if relay is not None:
+        relay.flush()
 
 
 def _serve(args: argparse.Namespace) -> int:

@@ -158,12 +158,14 @@ def test_chunked_body_is_independent_of_how_the_stream_is_cut(
 
 @pytest.fixture(scope="module")
 def gw(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
-    """Default limits; loopback may relay, so a remote recipient keeps a copy in the spool."""
+    """Default limits; loopback may relay and nothing goes out, so a remote recipient keeps
+    a copy in the spool."""
     gateway = make_gateway(
         tmp_path_factory.mktemp("chunking"),
         auth_failure_delay=0,
         rate_limit_connections=10000,
         relay_networks="127.0.0.0/8",
+        outbound_delivery="false",
     )
     add_default_users(gateway)
     gateway.start()
@@ -342,7 +344,7 @@ def test_binarymime_is_stored_and_delivered_byte_exact(gw: Gateway) -> None:
         assert wire.reply() == (250, f"2.0.0 {cut} octets received")
         qid = queue_id(wire.reply())
     delivered = find(gw, ALICE, b"Subject: binary-4")
-    # The remote recipient keeps the message in the spool (no outbound relay).
+    # The remote recipient keeps the message in the spool (outbound delivery is off).
     deadline = time.monotonic() + 10
     spool = Spool(gw.data_dir / "spool", recover=False)
     while spool.queue_of(qid) != "deferred" and time.monotonic() < deadline:

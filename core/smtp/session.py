@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any, cast
 from aiosmtpd.smtp import SMTP, AuthResult, Envelope, Session, TLSSetupException, syntax
 
 from mailgate.core.milter import MilterChain, SessionInfo, StageResult
-from mailgate.core.smtp import replies
+from mailgate.core.smtp import dsnparams, replies
 from mailgate.core.smtp.chunking import BdatSyntaxError, ChunkedBody, ChunkReader, parse_bdat
 from mailgate.core.smtp.framing import DataReader, DataResult, LineBuffer, TooLong
 from mailgate.core.smtp.parser import (
@@ -462,6 +462,7 @@ class MailgateSMTP(SMTP):
             "CHUNKING",
             "SMTPUTF8",
             "ENHANCEDSTATUSCODES",
+            "DSN",
         ]
         if self.tls_context is not None and not self.tls_active:
             lines.append("STARTTLS")
@@ -710,6 +711,10 @@ class MailgateSMTP(SMTP):
             elif key == "SMTPUTF8":
                 if value is not None:
                     return replies.PARAM_BAD.with_text("SMTPUTF8 takes no value")
+            elif key in ("RET", "ENVID"):
+                problem = dsnparams.check_mail_param(key, value)
+                if problem is not None:
+                    return problem
             elif key == "AUTH":
                 # RFC 4954 AUTH= identity: accepted and not trusted; nothing depends on it.
                 if value is None:
@@ -734,10 +739,15 @@ class MailgateSMTP(SMTP):
         except CommandSyntaxError as exc:
             await self.reply(exc.reply)
             return
-        if path.params:
-            key = next(iter(path.params))
-            await self.reply(replies.PARAM_UNKNOWN.with_text(f"Unsupported RCPT parameter {key}"))
+        if path.params and not self.sess.extended_smtp:
+            await self.reply(replies.syntax_error("parameters require EHLO"))
             return
+        for key, value in path.params.items():
+            # NOTIFY and ORCPT (the DSN extension) are the only RCPT parameters.
+            problem = dsnparams.check_rcpt_param(key, value)
+            if problem is not None:
+                await self.reply(problem)
+                return
         if not path.is_ascii and not self.env.smtp_utf8:
             await self.reply(replies.NON_ASCII_NEEDS_SMTPUTF8)
             return

@@ -1,9 +1,13 @@
-"""``mailgate queue``: look into the spool and remove messages, like Postfix's mailq/postsuper.
+"""``mailgate queue``: look into the spool and act on messages, like Postfix's mailq/postsuper.
 
-``list`` shows the active queue (incoming/ and deferred/); ``show`` and ``delete`` take a
-message from any queue. ``quarantine list|show|release|delete`` work on the hold queue:
-a released message moves to incoming/, and a running ``mailgate serve`` (found through
-the pid file in the data directory) gets SIGUSR1 so that it delivers it at once.
+``list`` shows the active queue (incoming/ and deferred/), with filters and counts per
+state; ``show`` and ``delete`` take a message from any queue. ``hold`` moves messages to
+the hold queue and ``release`` back. ``flush`` (retry now) and ``bounce`` (give up and
+notify the sender) are requests to the running relay: a file in ``spool/requests/`` and
+SIGUSR1, so that only the server ever rewrites a message it may be delivering.
+``quarantine list|show|release|delete`` work on the hold queue: a released message moves
+to incoming/, and a running ``mailgate serve`` (found through the pid file in the data
+directory) gets SIGUSR1 so that it delivers it at once.
 
 These commands open the spool without recovery (``recover=False``), so running them next
 to a live server never disturbs a message being written.
@@ -17,6 +21,7 @@ import os
 import signal
 import sys
 import time
+from collections import Counter
 from collections.abc import Awaitable, Callable
 from datetime import datetime
 from pathlib import Path
@@ -24,9 +29,10 @@ from pathlib import Path
 from mailgate.core.config import Config
 from mailgate.core.config_cli import add_config_option, config_from_args
 from mailgate.core.errors import SpoolError
+from mailgate.core.relay.queue import REQUESTS_DIR, request_path
 from mailgate.core.spool.delivery import RELAY_NOT_CONFIGURED
-from mailgate.core.spool.envelope import SpoolEnvelope
-from mailgate.core.spool.spool import ACTIVE_QUEUES, Spool, SpoolEntry
+from mailgate.core.spool.envelope import RemoteState, SpoolEnvelope
+from mailgate.core.spool.spool import ACTIVE_QUEUES, QueueName, Spool, SpoolEntry
 
 # Recipients line up under the sender: id, size and arrival columns plus their gaps.
 _INDENT = " " * (17 + 1 + 8 + 1 + 20 + 2)
@@ -54,6 +60,17 @@ def _sender(envelope: SpoolEnvelope) -> str:
     return envelope.mail_from or "MAILER-DAEMON"
 
 
+def _remote_status(state: RemoteState) -> str:
+    if state.status == "sent":
+        return f"sent ({state.last_reply})" if state.last_reply else "sent"
+    if state.status == "bounced":
+        return f"bounced: {state.last_status} {state.last_reply}".rstrip()
+    if state.status == "queued":
+        return "queued for relay"
+    when = _short_time(state.next_attempt)
+    return f"deferred: {state.last_reply} (attempt {state.attempts}, next {when})"
+
+
 def recipient_status(envelope: SpoolEnvelope, rcpt: str) -> str:
     """One recipient's state in words, as ``queue list`` and ``queue show`` print it."""
     state = envelope.done.get(rcpt)
@@ -63,29 +80,85 @@ def recipient_status(envelope: SpoolEnvelope, rcpt: str) -> str:
         return f"bounced: {envelope.bounced.get(rcpt, 'see targets')}"
     if state == "relay":
         targets = [target for target, orig in envelope.relay.items() if orig == rcpt]
+        states = [envelope.remote[t] for t in targets if t in envelope.remote]
+        if len(states) == len(targets) and states:
+            return "; ".join(
+                f"{target}: {_remote_status(remote)}"
+                for target, remote in zip(targets, states, strict=True)
+            )
         return f"deferred: {RELAY_NOT_CONFIGURED} ({', '.join(targets)})"
     if rcpt in envelope.errors:
         return f"deferred: {envelope.errors[rcpt]}"
     return "queued"
 
 
+def recipient_states(envelope: SpoolEnvelope) -> list[str]:
+    """The state of every recipient and remote target, as one word each (for counts)."""
+    states: list[str] = []
+    for rcpt in dict.fromkeys(envelope.rcpt_tos):
+        done = envelope.done.get(rcpt)
+        if done == "relay":
+            for target, orig in envelope.relay.items():
+                if orig == rcpt:
+                    remote = envelope.remote.get(target)
+                    states.append(remote.status if remote is not None else "queued")
+        elif done is not None:
+            states.append(done)
+        else:
+            states.append("deferred" if rcpt in envelope.errors else "queued")
+    return states
+
+
+def _matches(args: argparse.Namespace, entry: SpoolEntry) -> bool:
+    envelope = entry.envelope
+    if args.state and entry.queue != args.state and args.state not in recipient_states(envelope):
+        return False
+    if args.sender and args.sender.lower() not in envelope.mail_from.lower():
+        return False
+    addresses = [*envelope.rcpt_tos, *envelope.relay]
+    if args.recipient and not any(args.recipient.lower() in a.lower() for a in addresses):
+        return False
+    return not args.domain or any(
+        a.rpartition("@")[2].lower() == args.domain.lower() for a in addresses
+    )
+
+
 def _list(args: argparse.Namespace) -> int:
     spool = _open_spool(args)
-    ids = spool.list_ids(ACTIVE_QUEUES)
+    queues: tuple[QueueName, ...] = ACTIVE_QUEUES
+    if args.state == "hold":
+        queues = ("hold",)
+    elif args.state in ("incoming", "deferred"):
+        queues = (args.state,)
+    elif args.counts:
+        queues = (*ACTIVE_QUEUES, "hold")  # counts cover the hold queue as well
+    ids = spool.list_ids(queues)
     held = len(spool.list_ids("hold"))
-    if not ids:
-        print("Mail queue is empty")
+    filtering = any((args.state, args.sender, args.recipient, args.domain))
+    entries: list[SpoolEntry] = []
+    unreadable: list[tuple[str, SpoolError]] = []
+    for queue_id in ids:
+        try:
+            entry = spool.info(queue_id)
+        except SpoolError as exc:
+            unreadable.append((queue_id, exc))
+            continue
+        if _matches(args, entry):
+            entries.append(entry)
+    if args.counts:
+        _print_counts(entries)
+        return 0
+    if not entries and not unreadable:
+        print("No matching messages" if filtering else "Mail queue is empty")
         _print_held_note(held)
         return 0
     print(f"{'-Queue ID-':<17} {'--Size--':>8} {'----Arrival Time----':<20}  -Sender/Recipient-")
     total = 0
     shown = 0
-    for queue_id in ids:
-        try:
-            entry = spool.info(queue_id)
-        except SpoolError as exc:
-            print(f"{queue_id:<17} {'?':>8} {'(unreadable)':<20}  {exc}")
-            continue
+    for queue_id, problem in unreadable:
+        print(f"{queue_id:<17} {'?':>8} {'(unreadable)':<20}  {problem}")
+    for entry in entries:
+        queue_id = entry.queue_id
         envelope = entry.envelope
         arrival = _short_time(envelope.received_at)
         print(f"{queue_id:<17} {entry.size:>8} {arrival:<20}  {_sender(envelope)}")
@@ -98,6 +171,23 @@ def _list(args: argparse.Namespace) -> int:
     print(f"-- {kbytes} Kbytes in {shown} Request{'s' if shown != 1 else ''}.")
     _print_held_note(held)
     return 0
+
+
+def _print_counts(entries: list[SpoolEntry]) -> None:
+    """Messages per queue and recipients per state, of the messages the filters kept."""
+    queues = Counter(entry.queue for entry in entries)
+    states = Counter(state for entry in entries for state in recipient_states(entry.envelope))
+    print(
+        "messages: "
+        + ", ".join(f"{queues.get(name, 0)} {name}" for name in ("incoming", "deferred", "hold"))
+    )
+    print(
+        "recipients: "
+        + ", ".join(
+            f"{states.get(name, 0)} {name}"
+            for name in ("queued", "deferred", "sent", "relay", "bounced")
+        )
+    )
 
 
 def _print_held_note(held: int) -> None:
@@ -163,6 +253,14 @@ def _describe(entry: SpoolEntry) -> str:
         options = env.rcpt_options[index] if index < len(env.rcpt_options) else []
         extra = f" [{' '.join(options)}]" if options else ""
         lines.append(f"  <{rcpt}>{extra}: {recipient_status(env, rcpt)}")
+    if env.remote:
+        lines.append("outbound:")
+        for target, remote in env.remote.items():
+            extra = f", {remote.attempts} attempt(s)" if remote.attempts else ""
+            via = f", via {remote.remote_mta}" if remote.remote_mta else ""
+            lines.append(f"  <{target}>{extra}{via}: {_printable(_remote_status(remote))}")
+    for key, kinds in env.notified.items():
+        lines.append(f"notified:     <{key}>: {', '.join(kinds)}")
     if env.delivered:
         lines.append("delivered to: " + ", ".join(env.delivered))
     for target, reason in env.bounced.items():
@@ -219,6 +317,53 @@ def _delete(args: argparse.Namespace, *, held_only: bool = False) -> int:
 
     _, failed = _for_each(spool, args.queue_ids, delete)
     return 1 if failed else 0
+
+
+def _hold(args: argparse.Namespace) -> int:
+    spool = _open_spool(args)
+
+    async def hold(queue_id: str) -> str:
+        await spool.hold_queued(queue_id, args.reason)
+        return "moved to hold/"
+
+    _, failed = _for_each(spool, args.queue_ids, hold)
+    return 1 if failed else 0
+
+
+def _request(args: argparse.Namespace, action: str) -> int:
+    """Leave a flush or bounce request for the running relay and signal it."""
+    config = config_from_args(args)
+    spool = Spool(config.spool_dir, recover=False)
+    directory = config.spool_dir / REQUESTS_DIR
+    directory.mkdir(mode=0o700, exist_ok=True)
+    failed = 0
+    ids = args.queue_ids or (["ALL"] if action == "flush" else [])
+    for queue_id in ids:
+        if queue_id != "ALL":
+            try:
+                entry = spool.info(queue_id, include_held=False)
+            except SpoolError as exc:
+                print(f"mailgate: {exc}", file=sys.stderr)
+                failed += 1
+                continue
+            if entry.queue != "deferred":
+                print(f"mailgate: {queue_id}: not in deferred/ (it is in {entry.queue}/)")
+                failed += 1
+                continue
+        request_path(config.spool_dir, queue_id, action).touch()
+        print(f"{queue_id}: {action} requested")
+    spool.close()
+    if len(ids) > failed:
+        print(notify_server(config))
+    return 1 if failed else 0
+
+
+def _flush(args: argparse.Namespace) -> int:
+    return _request(args, "flush")
+
+
+def _bounce(args: argparse.Namespace) -> int:
+    return _request(args, "bounce")
 
 
 # -- the hold queue ----------------------------------------------------------------------
@@ -335,6 +480,17 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     listing = queue_sub.add_parser(
         "list", help="every spooled message with its recipients' states (like mailq)"
     )
+    listing.add_argument(
+        "--state",
+        choices=["incoming", "deferred", "hold", "queued", "sent", "bounced"],
+        help="only messages in this queue, or with a recipient in this state",
+    )
+    listing.add_argument("--sender", help="only messages whose sender contains this text")
+    listing.add_argument("--recipient", help="only messages with a recipient containing this")
+    listing.add_argument("--domain", help="only messages with a recipient in this domain")
+    listing.add_argument(
+        "--counts", action="store_true", help="print messages per queue and recipients per state"
+    )
     add_config_option(listing)
     listing.set_defaults(handler=_list)
 
@@ -350,6 +506,33 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     delete.add_argument("queue_ids", metavar="ID", nargs="+")
     add_config_option(delete)
     delete.set_defaults(handler=_delete)
+
+    flush = queue_sub.add_parser(
+        "flush", help="retry deferred messages now (all without IDs), in the running server"
+    )
+    flush.add_argument("queue_ids", metavar="ID", nargs="*")
+    add_config_option(flush)
+    flush.set_defaults(handler=_flush)
+
+    bounce = queue_sub.add_parser(
+        "bounce", help="give up on messages' remote recipients and notify their senders"
+    )
+    bounce.add_argument("queue_ids", metavar="ID", nargs="+")
+    add_config_option(bounce)
+    bounce.set_defaults(handler=_bounce)
+
+    hold = queue_sub.add_parser("hold", help="move messages to the hold queue (no delivery)")
+    hold.add_argument("queue_ids", metavar="ID", nargs="+")
+    hold.add_argument("--reason", default="held by the operator", help="recorded with it")
+    add_config_option(hold)
+    hold.set_defaults(handler=_hold)
+
+    release = queue_sub.add_parser(
+        "release", help="move held messages back for delivery (as quarantine release)"
+    )
+    release.add_argument("queue_ids", metavar="ID", nargs="+")
+    add_config_option(release)
+    release.set_defaults(handler=_quarantine_release)
 
     quarantine = queue_sub.add_parser(
         "quarantine", help="the hold queue: list, show, release or delete held messages"
@@ -369,13 +552,13 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     add_config_option(hold_show)
     hold_show.set_defaults(handler=_quarantine_show)
 
-    release = hold_sub.add_parser(
+    hold_release = hold_sub.add_parser(
         "release",
         help="move held messages to incoming/ and tell a running server to deliver them now",
     )
-    release.add_argument("queue_ids", metavar="ID", nargs="+")
-    add_config_option(release)
-    release.set_defaults(handler=_quarantine_release)
+    hold_release.add_argument("queue_ids", metavar="ID", nargs="+")
+    add_config_option(hold_release)
+    hold_release.set_defaults(handler=_quarantine_release)
 
     hold_delete = hold_sub.add_parser("delete", help="remove held messages for good")
     hold_delete.add_argument("queue_ids", metavar="ID", nargs="+")

@@ -108,6 +108,7 @@ class DeliveryAgent:
         retry_max: float = 3600.0,
         scan_interval: float = 300.0,
         is_local_domain: Callable[[str], bool] | None = None,
+        outbound: Callable[[str], None] | None = None,
     ) -> None:
         if concurrency < 1:
             raise ValueError("concurrency must be at least 1")
@@ -119,6 +120,9 @@ class DeliveryAgent:
         self._retry_max = retry_max
         self._scan_interval = scan_interval
         self._is_local_domain = is_local_domain
+        # The outbound relay's submit: called once local work is done and remote targets
+        # or notifications are left. Without it they wait in deferred/.
+        self._outbound = outbound
         self._queue: asyncio.Queue[str | None] = asyncio.Queue()
         # A second submit of a queued id is a no-op; one of an id being delivered runs it
         # again afterwards, since the submitter may know of work the running pass missed.
@@ -402,14 +406,16 @@ class DeliveryAgent:
             waiting = []
             if envelope.relay:
                 waiting.append(f"{len(envelope.relay)} remote recipient(s)")
-            if envelope.bounced and envelope.mail_from:
-                waiting.append(f"a bounce for {len(envelope.bounced)} recipient(s)")
+            if envelope.notices_due():
+                waiting.append("notification(s)")
             log.info(
                 "%s: kept in deferred/: %s waiting (%s)",
                 queue_id,
                 " and ".join(waiting),
-                RELAY_NOT_CONFIGURED,
+                "handed to the outbound relay" if self._outbound else RELAY_NOT_CONFIGURED,
             )
+            if self._outbound is not None:
+                self._outbound(queue_id)
         else:
             await self._spool.remove(queue_id)
             log.info("%s: removed", queue_id)
@@ -502,7 +508,7 @@ class DeliveryAgent:
                 queue_id,
                 target,
                 _orig(rcpt, target),
-                RELAY_NOT_CONFIGURED,
+                "queued for the outbound relay" if self._outbound else RELAY_NOT_CONFIGURED,
             )
             return "relay"
         envelope.delivered.append(target)

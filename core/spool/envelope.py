@@ -24,6 +24,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any, Literal, get_args
 
 from mailgate.core.errors import SpoolError
+from mailgate.core.smtp.dsnparams import notify_of, wants
 
 BodyType = Literal["7BIT", "8BITMIME", "BINARYMIME"]
 # Terminal states of an original recipient as far as local delivery is concerned:
@@ -32,10 +33,71 @@ BodyType = Literal["7BIT", "8BITMIME", "BINARYMIME"]
 # "bounced" no target could be delivered, permanently.
 RecipientState = Literal["sent", "relay", "bounced"]
 
+# States of one remote target in the outbound queue: "queued" (not tried yet), "deferred"
+# (a temporary failure, retried at ``next_attempt``), "sent" (the next hop answered 250)
+# and "bounced" (a permanent failure, or the lifetime ran out).
+RemoteStatus = Literal["queued", "deferred", "sent", "bounced"]
+REMOTE_FINAL: frozenset[str] = frozenset({"sent", "bounced"})
+# Notifications (RFC 3464) a recipient can have had: each is sent at most once.
+NoticeKind = Literal["failure", "delay", "success"]
+
 FORMAT_VERSION = 1
 _BODY_TYPES: frozenset[str] = frozenset(get_args(BodyType))
 _RECIPIENT_STATES: frozenset[str] = frozenset(get_args(RecipientState))
 _OMIT_IF_UNSET = ("quarantine_reason", "held_at", "released_at")
+_OMIT_IF_EMPTY = ("remote", "notified")
+_REMOTE_STATUSES: frozenset[str] = frozenset(get_args(RemoteStatus))
+_NOTICE_KINDS: frozenset[str] = frozenset(get_args(NoticeKind))
+
+
+@dataclass
+class RemoteState:
+    """One remote target's place in the outbound queue (see docs/relay.md).
+
+    ``dsn_relayed`` records that the next hop took the NOTIFY parameter (it offers DSN), so
+    a success notice is its business, not ours (RFC 3461 section 6.2.1).
+    """
+
+    orig: str
+    status: RemoteStatus = "queued"
+    attempts: int = 0
+    next_attempt: float = 0.0
+    first_attempt: float = 0.0
+    last_attempt: float = 0.0
+    last_reply: str = ""
+    last_status: str = ""  # RFC 3463 code of the last outcome, for notifications
+    remote_mta: str = ""
+    dsn_relayed: bool = False
+
+    @property
+    def final(self) -> bool:
+        return self.status in REMOTE_FINAL
+
+    def to_dict(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+    @classmethod
+    def from_dict(cls, data: Any) -> RemoteState:
+        if not isinstance(data, dict) or not isinstance(data.get("orig"), str):
+            raise SpoolError("envelope field 'remote' has an invalid entry")
+        known = {f.name for f in fields(cls)}
+        if set(data) - known or data.get("status", "queued") not in _REMOTE_STATUSES:
+            raise SpoolError("envelope field 'remote' has an invalid entry")
+        state = cls(**data)
+        for name in ("next_attempt", "first_attempt", "last_attempt"):
+            value = getattr(state, name)
+            if not _is_number(value):
+                raise SpoolError("envelope field 'remote' has an invalid entry")
+            setattr(state, name, float(value))
+        if not (
+            isinstance(state.attempts, int)
+            and isinstance(state.last_reply, str)
+            and isinstance(state.last_status, str)
+            and isinstance(state.remote_mta, str)
+            and isinstance(state.dsn_relayed, bool)
+        ):
+            raise SpoolError("envelope field 'remote' has an invalid entry")
+        return state
 
 
 @dataclass
@@ -70,17 +132,68 @@ class SpoolEnvelope:
     bounced: dict[str, str] = field(default_factory=dict)  # target or recipient -> reason
     errors: dict[str, str] = field(default_factory=dict)  # recipient -> last temporary error
 
+    # The outbound queue: one entry per remote target (docs/relay.md), and the
+    # notifications already sent, by target or recipient, so none is ever sent twice.
+    remote: dict[str, RemoteState] = field(default_factory=dict)
+    notified: dict[str, list[NoticeKind]] = field(default_factory=dict)
+
     def pending_recipients(self) -> list[str]:
         """Recipients local delivery has not finished, in order, without duplicates."""
         return [rcpt for rcpt in dict.fromkeys(self.rcpt_tos) if rcpt not in self.done]
 
     def awaiting_outbound(self) -> bool:
-        """Whether the outbound relay still has work: remote targets or bounces to send.
+        """Whether the outbound relay still has work: remote targets or notices to send.
 
-        Bounces to the null sender are never sent (RFC 5321 section 6.1), so they do not
+        Notices to the null sender are never sent (RFC 5321 section 6.1), so they do not
         keep a message in the spool.
         """
-        return bool(self.relay) or (bool(self.bounced) and self.mail_from != "")
+        for target in self.relay:
+            state = self.remote.get(target)
+            if state is None or not state.final:
+                return True
+        return bool(self.notices_due())
+
+    def options_of(self, rcpt: str) -> list[str]:
+        """The ESMTP parameters given with RCPT TO for ``rcpt`` (NOTIFY=, ORCPT=)."""
+        for index, candidate in enumerate(self.rcpt_tos):
+            if candidate == rcpt and index < len(self.rcpt_options):
+                return self.rcpt_options[index]
+        return []
+
+    def notices_due(self, *, delay_after: float | None = None) -> list[tuple[str, NoticeKind]]:
+        """(target or recipient, kind) of every notification owed and not yet sent.
+
+        Failures of local delivery (``bounced``) and of the relay; successes when NOTIFY
+        asked for them and no DSN-capable next hop took over; delays (only with
+        ``delay_after``, seconds since arrival) for remote targets still waiting.
+        """
+        if self.mail_from == "":
+            return []
+        due: list[tuple[str, NoticeKind]] = []
+
+        def owe(key: str, rcpt: str, kind: NoticeKind) -> None:
+            if kind not in self.notified.get(key, []) and wants(
+                notify_of(self.options_of(rcpt)), kind.upper()
+            ):
+                due.append((key, kind))
+
+        for key in self.bounced:
+            owe(key, self.relay.get(key, key), "failure")
+        for target, state in self.remote.items():
+            if state.status == "bounced" and target not in self.bounced:
+                owe(target, state.orig, "failure")
+            elif state.status == "sent" and not state.dsn_relayed:
+                owe(target, state.orig, "success")
+            elif (
+                not state.final
+                and delay_after is not None
+                and time.time() - self.received_at >= delay_after
+            ):
+                owe(target, state.orig, "delay")
+        for rcpt, state_name in self.done.items():
+            if state_name == "sent":
+                owe(rcpt, rcpt, "success")
+        return due
 
     def to_json(self) -> str:
         # A plain dict of the fields in declaration order: what asdict() gives for these
@@ -88,8 +201,11 @@ class SpoolEnvelope:
         data = {
             name: value
             for name in _FIELD_NAMES
-            if (value := getattr(self, name)) is not None or name not in _OMIT_IF_UNSET
+            if ((value := getattr(self, name)) is not None or name not in _OMIT_IF_UNSET)
+            and (value or name not in _OMIT_IF_EMPTY)
         }
+        if self.remote:
+            data["remote"] = {target: state.to_dict() for target, state in self.remote.items()}
         data["v"] = FORMAT_VERSION
         # ASCII output keeps lone surrogates (undecodable bytes smuggled in as str) intact.
         return json.dumps(data, ensure_ascii=True, separators=(",", ":"))
@@ -121,6 +237,10 @@ class SpoolEnvelope:
         for name in ("held_at", "released_at"):
             if data.get(name) is not None:
                 data[name] = float(data[name])
+        if "remote" in data:
+            data["remote"] = {
+                target: RemoteState.from_dict(entry) for target, entry in data["remote"].items()
+            }
         return cls(**data)
 
 
@@ -170,4 +290,12 @@ _CHECKS: dict[str, Callable[[Any], bool]] = {
     "relay": _is_str_dict,
     "bounced": _is_str_dict,
     "errors": _is_str_dict,
+    "remote": lambda v: isinstance(v, dict) and all(isinstance(k, str) for k in v),
+    "notified": lambda v: (
+        isinstance(v, dict)
+        and all(
+            isinstance(kinds, list) and all(kind in _NOTICE_KINDS for kind in kinds)
+            for kinds in v.values()
+        )
+    ),
 }

@@ -488,6 +488,28 @@ class Spool:
         except SpoolError as exc:
             log.warning("%s: released; %s", queue_id, exc)
 
+    async def hold_queued(self, queue_id: str, reason: str) -> None:
+        """Move a message from incoming/ or deferred/ to hold/ (``mailgate queue hold``).
+
+        The held copy is made durable before the active one is unlinked. A crash in
+        between leaves both, and the lookup rule (active over hold) keeps the message
+        active: a hold that did not finish is as if it never happened, never a loss.
+        """
+        queue_id = _checked_id(queue_id)
+        queue, path = self._locate(queue_id, ACTIVE_QUEUES)
+        now = time.time()
+        await self._run(
+            self._rewrite,
+            path,
+            self.hold_dir,
+            queue_id,
+            lambda old: replace(old, quarantine_reason=reason, held_at=now, released_at=None),
+            lambda tmp, final: self._link_new(tmp, final, allowed=self._queue_dir(queue)),
+        )
+        await self._syncs[self.hold_dir].sync()
+        await self._run(_unlink_quietly, path)
+        await self._syncs[self._queue_dir(queue)].sync()
+
     def _release_copy(self, queue_id: str, released_at: float) -> None:
         held = self.hold_dir / queue_id
         for queue in ACTIVE_QUEUES:
