@@ -120,3 +120,8 @@ register(
     "virus scanning with clamd (INSTREAM over TCP or a Unix socket)",
     "mailgate.milters.clamav:ClamavMilter",
 )
+register(
+    "spf",
+    "SPF (RFC 7208) checks of HELO and MAIL FROM, Received-SPF and Authentication-Results",
+    "mailgate.milters.spf:SpfMilter",
+)
