@@ -20,6 +20,7 @@ def _registrars() -> list[Registrar]:
     from mailgate.core.spool.cli import register as register_queue
     from mailgate.core.users.cli import register as register_users
     from mailgate.milters.cli import register as register_milter
+    from mailgate.milters.dkim_cli import register as register_dkim
     from mailgate.milters.spam_cli import register as register_spam
 
     return [
@@ -30,6 +31,7 @@ def _registrars() -> list[Registrar]:
         register_rules,
         register_milter,
         register_spam,
+        register_dkim,
     ]
 
 

@@ -125,3 +125,8 @@ register(
     "SPF (RFC 7208) checks of HELO and MAIL FROM, Received-SPF and Authentication-Results",
     "mailgate.milters.spf:SpfMilter",
 )
+register(
+    "dkim",
+    "DKIM (RFC 6376, RFC 8463): verifies every signature, signs outgoing mail per domain",
+    "mailgate.milters.dkim:DkimMilter",
+)
