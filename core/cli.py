@@ -21,6 +21,7 @@ def _registrars() -> list[Registrar]:
     from mailgate.core.users.cli import register as register_users
     from mailgate.milters.cli import register as register_milter
     from mailgate.milters.dkim_cli import register as register_dkim
+    from mailgate.milters.dmarc_cli import register as register_dmarc
     from mailgate.milters.spam_cli import register as register_spam
 
     return [
@@ -32,6 +33,7 @@ def _registrars() -> list[Registrar]:
         register_milter,
         register_spam,
         register_dkim,
+        register_dmarc,
     ]
 
 

@@ -366,6 +366,8 @@ class Config(BaseModel):
     relay_max_lifetime: float = Field(default=5 * 86400.0, ge=0)
     relay_delay_warning: float = Field(default=4 * 3600.0, ge=0)
     max_hops: int = Field(default=50, ge=1)
+    # `mailgate dmarc report --send` once a day from serve (docs/daemon-dmarc.md).
+    dmarc_reports: bool = False
 
     event_loop: Literal["asyncio", "uvloop"] = "uvloop"
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"

@@ -13,6 +13,7 @@ import logging
 import os
 import signal
 import sys
+import time
 
 from mailgate.core.config import Config
 from mailgate.core.config_cli import add_config_option, add_setting_flags, config_from_args
@@ -109,7 +110,12 @@ async def run_gateway(config: Config, *, ready: asyncio.Event | None = None) -> 
     )
     if ready is not None:
         ready.set()
+    dmarc_reports = (
+        asyncio.create_task(_dmarc_reports_daily(config)) if config.dmarc_reports else None
+    )
     await stop.wait()
+    if dmarc_reports is not None:
+        dmarc_reports.cancel()
     log.info("shutting down: no new connections; grace %.0fs", config.shutdown_grace)
     await server.shutdown(config.shutdown_grace)
     await supervisor.stop()
@@ -121,6 +127,33 @@ async def run_gateway(config: Config, *, ready: asyncio.Event | None = None) -> 
     remove_pid_file(config)
     log.info("stopped")
     return 0
+
+
+async def _dmarc_reports_daily(config: Config) -> None:
+    """`dmarc_reports: true`: `mailgate dmarc report --send` at start, then daily after
+    00:10 UTC (docs/daemon-dmarc.md). A day sent already is skipped by the command itself."""
+    argv = [sys.executable, "-m", "mailgate.core.cli", "dmarc", "report", "--send"]
+    argv += ["--data-dir", str(config.data_dir.resolve())]
+    rules = next((m.rules for m in config.milters if m.daemon == "dmarc" and m.rules), None)
+    if rules is not None:
+        argv += ["--rules", str(rules)]
+    env = {**os.environ, "MAILGATE_HOSTNAME": config.hostname}
+    while True:
+        try:
+            process = await asyncio.create_subprocess_exec(
+                *argv,
+                env=env,
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.STDOUT,
+            )
+            output, _ = await process.communicate()
+            for line in output.decode("utf-8", "replace").splitlines():
+                log.info("dmarc report: %s", line)
+        except OSError as exc:
+            log.error("dmarc report: cannot run: %s", exc)
+        now = time.time()
+        await asyncio.sleep((now // 86400 + 1) * 86400 + 600 - now)
 
 
 def _scan_now(delivery: DeliveryAgent, relay: RelayAgent | None) -> None:

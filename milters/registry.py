@@ -130,3 +130,13 @@ register(
     "DKIM (RFC 6376, RFC 8463): verifies every signature, signs outgoing mail per domain",
     "mailgate.milters.dkim:DkimMilter",
 )
+register(
+    "dmarc",
+    "DMARC (RFC 7489): SPF/DKIM alignment, p/sp/np/pct, one Authentication-Results, reports",
+    "mailgate.milters.dmarc:DmarcMilter",
+)
+register(
+    "arc",
+    "ARC (RFC 8617): validates the chain of inbound mail, seals mail forwarded or modified",
+    "mailgate.milters.arc:ArcMilter",
+)
