@@ -15,6 +15,7 @@ def _registrars() -> list[Registrar]:
     # Imported here so that `mailgate --help` stays cheap and an import error in one family
     # names itself instead of breaking the whole command line at import time.
     from mailgate.core.config_cli import register as register_config
+    from mailgate.core.relay.tlsrpt import register as register_tls_report
     from mailgate.core.rules_cli import register as register_rules
     from mailgate.core.serve import register as register_serve
     from mailgate.core.spool.cli import register as register_queue
@@ -29,6 +30,7 @@ def _registrars() -> list[Registrar]:
         register_config,
         register_users,
         register_queue,
+        register_tls_report,
         register_rules,
         register_milter,
         register_spam,

@@ -197,22 +197,47 @@ class MilterConfig(BaseModel):
 
 
 TlsMode = Literal["opportunistic", "starttls", "implicit", "none"]
+# How a route delivers: SMTP to a fixed next hop, LMTP to a mailbox server (RFC 2033), or
+# not at all: "hold" keeps the mail queued until the domain's customer turns the queue
+# around with ATRN (RFC 2645); "atrn" is accepted as another name for it.
+RouteTransport = Literal["smtp", "lmtp", "hold"]
 _ROUTE_HOST = re.compile(r"^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]+)$")
+LMTP_PORT = 24
 
 
 class RouteConfig(BaseModel):
     """One outbound route: mail for ``domain`` (``*`` = every remote domain) goes to a fixed
-    next hop instead of the domain's MX hosts. See docs/relay.md."""
+    next hop instead of the domain's MX hosts, over SMTP or LMTP, or waits for ATRN.
+    See docs/relay.md."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     domain: str
-    host: str
+    transport: RouteTransport = "smtp"
+    host: str = ""
     port: int = Field(default=25, ge=1, le=65535)
+    path: str | None = None  # LMTP over a Unix socket
     tls: TlsMode = "opportunistic"
     tls_verify: bool = False
     username: str | None = None
     password: str | None = Field(default=None, repr=False)
+    atrn_users: tuple[str, ...] = ()  # hold routes: who may take the mail with ATRN
+
+    @model_validator(mode="before")
+    @classmethod
+    def _transport_defaults(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            data = dict(data)
+            if str(data.get("transport", "")).lower() == "atrn":
+                data["transport"] = "hold"
+            if data.get("transport") == "lmtp" and "port" not in data:
+                data["port"] = LMTP_PORT
+            if data.get("transport") == "lmtp" and "tls" not in data:
+                # A mailbox server on the same host or LAN: no STARTTLS unless asked for.
+                data["tls"] = "none"
+            if isinstance(data.get("atrn_users"), str):
+                data["atrn_users"] = _split_list(data["atrn_users"])
+        return data
 
     @field_validator("domain")
     @classmethod
@@ -224,12 +249,29 @@ class RouteConfig(BaseModel):
     @field_validator("host")
     @classmethod
     def _route_host(cls, value: str) -> str:
-        if not _ROUTE_HOST.match(value):
+        if value and not _ROUTE_HOST.match(value):
             raise ValueError(f"{value!r}: expected a host name, an IPv4 address or [IPv6]")
         return value.strip("[]")
 
+    @field_validator("path")
+    @classmethod
+    def _route_path(cls, value: str | None) -> str | None:
+        if value is not None and not value.startswith("/"):
+            raise ValueError(f"unix socket path must be absolute, got {value!r}")
+        return value
+
     @model_validator(mode="after")
     def _credentials(self) -> RouteConfig:
+        if self.transport == "smtp" and not self.host:
+            raise ValueError(f"route {self.domain!r}: an SMTP route needs a host")
+        if self.transport == "lmtp" and not (self.host or self.path):
+            raise ValueError(f"route {self.domain!r}: an LMTP route needs a host or a path")
+        if self.path is not None and self.transport != "lmtp":
+            raise ValueError(f"route {self.domain!r}: a socket path is only for LMTP routes")
+        if self.atrn_users and self.transport != "hold":
+            raise ValueError(f"route {self.domain!r}: atrn_users belong to a hold route")
+        if self.transport == "hold" and self.domain == "*":
+            raise ValueError("route '*': every remote domain cannot wait for ATRN")
         if (self.username is None) != (self.password is None):
             raise ValueError(f"route {self.domain!r}: username and password go together")
         if self.username is not None and self.tls in ("opportunistic", "none"):
@@ -238,22 +280,38 @@ class RouteConfig(BaseModel):
         return self
 
 
-def _to_route(value: Any) -> Any:
-    """``DOMAIN=HOST[:PORT]`` (``*=HOST:PORT`` for a smarthost), or a mapping."""
-    if not isinstance(value, str):
-        return value
-    domain, sep, target = value.partition("=")
-    if not sep:
-        raise ValueError(f"{value!r}: expected DOMAIN=HOST[:PORT] or a mapping")
-    target = target.strip()
-    host, port = target, "25"
+def _host_port(target: str, default_port: str) -> tuple[str, str]:
+    host, port = target, default_port
     if target.startswith("["):
         close = target.find("]")
         host, rest = target[: close + 1], target[close + 1 :]
         port = rest[1:] if rest.startswith(":") else port
     elif target.count(":") == 1:
         host, _, port = target.partition(":")
-    return {"domain": domain.strip(), "host": host, "port": port}
+    return host, port
+
+
+def _to_route(value: Any) -> Any:
+    """``DOMAIN=HOST[:PORT]`` (``*=HOST:PORT`` for a smarthost), ``DOMAIN=lmtp:HOST[:PORT]``,
+    ``DOMAIN=lmtp:unix:/path``, ``DOMAIN=hold``, ``DOMAIN=atrn:USER``, or a mapping."""
+    if not isinstance(value, str):
+        return value
+    domain, sep, target = value.partition("=")
+    if not sep:
+        raise ValueError(f"{value!r}: expected DOMAIN=HOST[:PORT] or a mapping")
+    domain, target = domain.strip(), target.strip()
+    scheme, colon, rest = target.partition(":")
+    if target.lower() in ("hold", "atrn"):
+        return {"domain": domain, "transport": "hold"}
+    if colon and scheme.lower() == "atrn":
+        return {"domain": domain, "transport": "hold", "atrn_users": [rest.strip()]}
+    if colon and scheme.lower() == "lmtp":
+        if rest.startswith("unix:"):
+            return {"domain": domain, "transport": "lmtp", "path": rest[5:]}
+        host, port = _host_port(rest, str(LMTP_PORT))
+        return {"domain": domain, "transport": "lmtp", "host": host, "port": port}
+    host, port = _host_port(target, "25")
+    return {"domain": domain, "host": host, "port": port}
 
 
 def _routes_list(value: Any) -> Any:
@@ -366,6 +424,19 @@ class Config(BaseModel):
     relay_max_lifetime: float = Field(default=5 * 86400.0, ge=0)
     relay_delay_warning: float = Field(default=4 * 3600.0, ge=0)
     max_hops: int = Field(default=50, ge=1)
+    # DELIVERBY (RFC 2852) and ETRN (RFC 1985); see docs/relay.md.
+    deliverby_min: int = Field(default=60, ge=0, le=999999999)
+    etrn_networks: list[Network] = Field(default_factory=list)
+    etrn_domains: list[Domain] = Field(default_factory=list)
+    # TLS policies of the receiving domains (docs/relay.md#mta-sts, #dane, #tls-rpt).
+    dns_dnssec_trusted: bool = False
+    relay_dane: bool = True
+    relay_mta_sts: bool = True
+    mta_sts_fetch_timeout: float = Field(default=10.0, gt=0, le=120)
+    mta_sts_ca_file: Path | None = None
+    mta_sts_https_port: int = Field(default=443, ge=1, le=65535)
+    tls_rpt: bool = True
+    tls_rpt_organization: str = ""
     # `mailgate dmarc report --send` once a day from serve (docs/daemon-dmarc.md).
     dmarc_reports: bool = False
 
@@ -380,6 +451,8 @@ class Config(BaseModel):
         "relay_networks",
         "milters",
         "dns_nameservers",
+        "etrn_networks",
+        "etrn_domains",
         mode="before",
     )
     @classmethod
@@ -494,6 +567,11 @@ class Config(BaseModel):
     @property
     def user_db(self) -> Path:
         return self.data_dir / "users.sqlite3"
+
+    @property
+    def tls_db(self) -> Path:
+        """MTA-STS policy cache and TLS-RPT session counts (docs/relay.md)."""
+        return self.data_dir / "tls.sqlite3"
 
     @property
     def relay_network_objects(self) -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:

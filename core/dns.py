@@ -10,7 +10,14 @@ Built on dnspython. It adds what mail policy needs and dnspython leaves to its c
   temporary error (temperror, tempfail), never to pass or fail;
 - **a small cache** shared by the threads of a daemon, keeping each answer as long as its
   TTL says (capped by ``max_ttl``) and negative answers for ``negative_ttl``;
-- **configurable nameservers** (``ADDRESS[:PORT]``), else those of /etc/resolv.conf.
+- **configurable nameservers** (``ADDRESS[:PORT]``), else those of /etc/resolv.conf;
+- **DNSSEC status on request**: ``query(..., dnssec=True)`` sets the EDNS DO bit (and AD,
+  RFC 6840 section 5.7) and reports the reply's AD bit as ``DnsAnswer.authentic``. The AD
+  bit is only believed when the resolver was built with ``trust_ad=True`` (setting
+  ``dns_dnssec_trusted``): a validating recursive resolver on a path nobody can tamper with
+  (loopback, or a link the operator controls). Otherwise ``authentic`` is always False, so
+  nothing that depends on it (DANE) ever applies. Validation is the resolver's job, never
+  this module's.
 """
 
 from __future__ import annotations
@@ -20,7 +27,7 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Literal
 
 import dns.exception
@@ -62,6 +69,8 @@ class DnsAnswer:
     txt: tuple[bytes, ...] = field(default=(), repr=False)
     # MX records as (preference, exchange without the final dot).
     mx: tuple[tuple[int, str], ...] = field(default=(), repr=False)
+    # DNSSEC-validated by a trusted resolver (AD bit); only ever True for dnssec=True lookups.
+    authentic: bool = False
 
     @property
     def exists(self) -> bool:
@@ -80,6 +89,7 @@ class Resolver:
         cache_size: int = 10000,
         negative_ttl: int = 60,
         max_ttl: int = 86400,
+        trust_ad: bool = False,
     ) -> None:
         if nameservers:
             servers = [parse_nameserver(server) for server in nameservers]
@@ -91,7 +101,8 @@ class Resolver:
         self.cache_size = cache_size
         self.negative_ttl = negative_ttl
         self.max_ttl = max_ttl
-        self._cache: OrderedDict[tuple[str, str], tuple[float, DnsAnswer]] = OrderedDict()
+        self.trust_ad = trust_ad
+        self._cache: OrderedDict[tuple[str, str, bool], tuple[float, DnsAnswer]] = OrderedDict()
         self._lock = threading.Lock()
         self.lookups = 0  # queries sent (cache misses), for tests and statistics
 
@@ -107,13 +118,19 @@ class Resolver:
 
     # -- lookups ----------------------------------------------------------------------
 
-    def query(self, name: str, rdtype: str, *, timeout: float | None = None) -> DnsAnswer:
-        """The answer for ``name``/``rdtype``; DnsTempError when there is none this time."""
-        key = (_normal(name), rdtype.upper())
+    def query(
+        self, name: str, rdtype: str, *, timeout: float | None = None, dnssec: bool = False
+    ) -> DnsAnswer:
+        """The answer for ``name``/``rdtype``; DnsTempError when there is none this time.
+
+        ``dnssec`` asks for the DNSSEC status (see the module docstring): the answer's
+        ``authentic`` is True only if a trusted resolver set the AD bit.
+        """
+        key = (_normal(name), rdtype.upper(), dnssec)
         cached = self._cached(key)
         if cached is not None:
             return cached
-        answer = self._ask(key[0], key[1], self.timeout if timeout is None else timeout)
+        answer = self._ask(key[0], key[1], self.timeout if timeout is None else timeout, dnssec)
         self._store(key, answer)
         return answer
 
@@ -152,7 +169,7 @@ class Resolver:
 
     # -- the cache --------------------------------------------------------------------
 
-    def _cached(self, key: tuple[str, str]) -> DnsAnswer | None:
+    def _cached(self, key: tuple[str, str, bool]) -> DnsAnswer | None:
         if not self.cache_size:
             return None
         with self._lock:
@@ -166,7 +183,7 @@ class Resolver:
             self._cache.move_to_end(key)
             return answer
 
-    def _store(self, key: tuple[str, str], answer: DnsAnswer) -> None:
+    def _store(self, key: tuple[str, str, bool], answer: DnsAnswer) -> None:
         if not self.cache_size:
             return
         ttl = answer.ttl if answer.status == "ok" else self.negative_ttl
@@ -185,7 +202,7 @@ class Resolver:
 
     # -- the wire ---------------------------------------------------------------------
 
-    def _ask(self, name: str, rdtype: str, timeout: float) -> DnsAnswer:
+    def _ask(self, name: str, rdtype: str, timeout: float, dnssec: bool = False) -> DnsAnswer:
         if not self.servers:
             raise DnsTempError(name, rdtype, "no nameserver configured")
         try:
@@ -207,7 +224,7 @@ class Resolver:
                     break
                 share = max(left / max(len(self.servers) * (2 - attempt), 1), 0.05)
                 try:
-                    response = self._exchange(qname, qtype, host, port, min(share, left))
+                    response = self._exchange(qname, qtype, host, port, min(share, left), dnssec)
                 except (dns.exception.Timeout, TimeoutError):
                     problems.append(f"{host}:{port} timed out")
                     continue
@@ -215,16 +232,28 @@ class Resolver:
                     problems.append(f"{host}:{port} {type(exc).__name__}: {exc}")
                     continue
                 self.lookups += 1
-                return _answer(name, rdtype, qname, qtype, response, problems)
+                answer = _answer(name, rdtype, qname, qtype, response, problems)
+                if dnssec and self.trust_ad and response.flags & dns.flags.AD:
+                    answer = replace(answer, authentic=True)
+                return answer
         why = "; ".join(problems[-3:]) or "timed out"
         raise DnsTempError(name, rdtype, why)
 
     @staticmethod
     def _exchange(
-        qname: dns.name.Name, qtype: dns.rdatatype.RdataType, host: str, port: int, timeout: float
+        qname: dns.name.Name,
+        qtype: dns.rdatatype.RdataType,
+        host: str,
+        port: int,
+        timeout: float,
+        dnssec: bool = False,
     ) -> dns.message.Message:
-        request = dns.message.make_query(qname, qtype, use_edns=0, payload=1232)
+        request = dns.message.make_query(qname, qtype, use_edns=0, payload=1232, want_dnssec=dnssec)
         request.flags |= dns.flags.RD
+        if dnssec:
+            # RFC 6840 section 5.7: AD in a query asks for the AD bit in the reply, which a
+            # validating resolver then sets on data it validated.
+            request.flags |= dns.flags.AD
         response = dns.query.udp(request, host, port=port, timeout=timeout, ignore_unexpected=True)
         if response.flags & dns.flags.TC:
             response = dns.query.tcp(request, host, port=port, timeout=timeout)

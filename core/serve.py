@@ -52,7 +52,11 @@ async def run_gateway(config: Config, *, ready: asyncio.Event | None = None) -> 
     local_domains = set(config.local_domains)
     relay: RelayAgent | None = None
     if config.outbound_delivery:
-        resolver = Resolver(config.dns_nameservers, timeout=config.dns_timeout)
+        resolver = Resolver(
+            config.dns_nameservers,
+            timeout=config.dns_timeout,
+            trust_ad=config.dns_dnssec_trusted,
+        )
         relay = RelayAgent(spool, config, resolver)
     delivery = DeliveryAgent(
         spool,
@@ -73,6 +77,7 @@ async def run_gateway(config: Config, *, ready: asyncio.Event | None = None) -> 
         delivery=delivery,
         tls_context=tls_context,
         auth_failure_delay=config.auth_failure_delay,
+        relay=relay,
     )
     server = SmtpServer(context)
     supervisor = Supervisor(config)

@@ -91,6 +91,26 @@ register(
     "mailgate.milters.content:ContentMilter",
 )
 register(
+    "arc",
+    "ARC (RFC 8617): validates the chain of inbound mail, seals mail forwarded or modified",
+    "mailgate.milters.arc:ArcMilter",
+)
+register(
+    "dmarc",
+    "DMARC (RFC 7489): SPF/DKIM alignment, p/sp/np/pct, one Authentication-Results, reports",
+    "mailgate.milters.dmarc:DmarcMilter",
+)
+register(
+    "dkim",
+    "DKIM (RFC 6376, RFC 8463): verifies every signature, signs outgoing mail per domain",
+    "mailgate.milters.dkim:DkimMilter",
+)
+register(
+    "spf",
+    "SPF (RFC 7208) checks of HELO and MAIL FROM, Received-SPF and Authentication-Results",
+    "mailgate.milters.spf:SpfMilter",
+)
+register(
     "quota",
     "mailbox storage quotas and attachment limits from the user store (452/552 at RCPT/DATA)",
     "mailgate.milters.quota:QuotaMilter",
@@ -119,24 +139,4 @@ register(
     "clamav",
     "virus scanning with clamd (INSTREAM over TCP or a Unix socket)",
     "mailgate.milters.clamav:ClamavMilter",
-)
-register(
-    "spf",
-    "SPF (RFC 7208) checks of HELO and MAIL FROM, Received-SPF and Authentication-Results",
-    "mailgate.milters.spf:SpfMilter",
-)
-register(
-    "dkim",
-    "DKIM (RFC 6376, RFC 8463): verifies every signature, signs outgoing mail per domain",
-    "mailgate.milters.dkim:DkimMilter",
-)
-register(
-    "dmarc",
-    "DMARC (RFC 7489): SPF/DKIM alignment, p/sp/np/pct, one Authentication-Results, reports",
-    "mailgate.milters.dmarc:DmarcMilter",
-)
-register(
-    "arc",
-    "ARC (RFC 8617): validates the chain of inbound mail, seals mail forwarded or modified",
-    "mailgate.milters.arc:ArcMilter",
 )

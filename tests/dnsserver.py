@@ -8,6 +8,10 @@ purpose, for the failure tests:
 - a name under a ``drop_suffixes`` entry gets no reply at all (a timeout);
 - a name under a ``servfail_suffixes`` entry gets SERVFAIL.
 
+For DNSSEC tests (DANE), a name under an ``authentic_suffixes`` entry is answered with
+the AD bit set, as a validating resolver does for data it validated. No signature exists
+anywhere: this stands in for the resolver's verdict, which is all a stub (mailgate) sees.
+
 Usage::
 
     with dns_server(ZONE) as server:
@@ -36,8 +40,10 @@ class TestZoneResolver(BaseResolver):  # type: ignore[misc]
         *,
         drop_suffixes: Sequence[str] = (),
         servfail_suffixes: Sequence[str] = (),
+        authentic_suffixes: Sequence[str] = (),
     ) -> None:
         self._lock = threading.Lock()
+        self.authentic = [DNSLabel(s) for s in authentic_suffixes]
         self.records: list[RR] = []
         self.drop = [DNSLabel(s) for s in drop_suffixes]
         self.servfail = [DNSLabel(s) for s in servfail_suffixes]
@@ -85,6 +91,9 @@ class TestZoneResolver(BaseResolver):  # type: ignore[misc]
             reply.header.rcode = RCODE.SERVFAIL
             return reply
         self._answer(records, reply, qname, qtype)
+        # dnslib's reply() copies the query's flags; AD (which mailgate sets to ask for the
+        # DNSSEC status, RFC 6840 5.7) must only come back where the data "validated".
+        reply.header.ad = int(any(qname.matchSuffix(suffix) for suffix in self.authentic))
         return reply
 
     def _answer(self, records: list[RR], reply: DNSRecord, qname: DNSLabel, qtype: str) -> None:
@@ -150,10 +159,14 @@ def dns_server(
     *,
     drop_suffixes: Sequence[str] = (),
     servfail_suffixes: Sequence[str] = (),
+    authentic_suffixes: Sequence[str] = (),
 ) -> Iterator[TestDnsServer]:
     """Serve ``zone`` on 127.0.0.1 (UDP and TCP, one port) until the block ends."""
     resolver = TestZoneResolver(
-        zone, drop_suffixes=drop_suffixes, servfail_suffixes=servfail_suffixes
+        zone,
+        drop_suffixes=drop_suffixes,
+        servfail_suffixes=servfail_suffixes,
+        authentic_suffixes=authentic_suffixes,
     )
     port = _free_port()
     servers = [

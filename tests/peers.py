@@ -1723,6 +1723,110 @@ def header_values(data: bytes, name: str) -> list[str]:
     ]
 
 
+# --------------------------------------------------------------------------------------
+# Dovecot LMTP
+# --------------------------------------------------------------------------------------
+
+
+@dataclass
+class Dovecot:
+    """Dovecot 2.3 serving LMTP only: `port`, `users`, `delivered(user)`, `log()`."""
+
+    port: int
+    base: Path
+    users: tuple[str, ...]
+    daemon: Daemon
+    host: str = HOST
+
+    def maildir(self, user: str) -> Path:
+        return self.base / "mail" / user
+
+    def delivered(self, user: str) -> list[bytes]:
+        """The messages in `user`'s Maildir (new/ and cur/), oldest first."""
+        paths = [
+            path
+            for sub in ("new", "cur")
+            if (self.maildir(user) / sub).is_dir()
+            for path in (self.maildir(user) / sub).iterdir()
+        ]
+        return [path.read_bytes() for path in sorted(paths, key=lambda p: p.stat().st_mtime)]
+
+    def wait_delivered(self, user: str, count: int, timeout: float = 30.0) -> list[bytes]:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            found = self.delivered(user)
+            if len(found) >= count:
+                return found
+            time.sleep(0.05)
+        return self.delivered(user)
+
+    def log(self) -> str:
+        return _read(self.base / "dovecot.log") + self.daemon.log()
+
+
+@contextlib.contextmanager
+def dovecot_lmtp(
+    tmp_dir: Path, users: Sequence[str] = ("bob", "carol"), *, start_timeout: float = 30.0
+) -> Iterator[Dovecot]:
+    """Dovecot's LMTP on a free loopback port, delivering to Maildirs under its base dir.
+
+    The recipe of shared/PEERS.md ("Dovecot 2.3 LMTP"), with one change: the users come
+    from a passwd-file (by local part), so that any other recipient is refused with 550
+    at RCPT, as a real mailbox server does.
+    """
+    require_root()
+    dovecot = require("/usr/sbin/dovecot", "dovecot-core")
+    require("/usr/lib/dovecot/lmtp", "dovecot-lmtpd")
+    base = _private_dir(Path(tmp_dir), "dovecot")
+    for name in ("run", "state", "mail"):
+        (base / name).mkdir()
+    _chown(base / "mail", "nobody", "nogroup")
+    (base / "users").write_text("".join(f"{user}::::::\n" for user in users))
+    port = free_port()
+    conf = base / "dovecot.conf"
+    conf.write_text(
+        f"""base_dir = {base}/run
+state_dir = {base}/state
+instance_name = mailgate-test-{port}
+protocols = lmtp
+listen = {HOST}
+ssl = no
+log_path = {base}/dovecot.log
+mail_location = maildir:{base}/mail/%n
+mail_uid = nobody
+mail_gid = nogroup
+first_valid_uid = 1
+auth_username_format = %Ln
+postmaster_address = postmaster@{DOMAIN}
+passdb {{
+  driver = static
+  args = nopassword=y
+}}
+userdb {{
+  driver = passwd-file
+  args = {base}/users
+  default_fields = uid=nobody gid=nogroup home={base}/mail/%n
+}}
+service lmtp {{
+  inet_listener lmtp {{
+    address = {HOST}
+    port = {port}
+  }}
+}}
+"""
+    )
+    daemon = Daemon("dovecot", [dovecot, "-c", str(conf), "-F"], base / "dovecot.out", cwd=base)
+    server = Dovecot(port=port, base=base, users=tuple(users), daemon=daemon)
+    daemon.start()
+    try:
+        daemon.wait_ready(
+            lambda: _smtp_banner(port), start_timeout, extra_log=lambda: _read(base / "dovecot.log")
+        )
+        yield server
+    finally:
+        daemon.stop()
+
+
 __all__ = [
     "DOMAIN",
     "EICAR",
@@ -1732,6 +1836,7 @@ __all__ = [
     "ClamavMilter",
     "Clamd",
     "Daemon",
+    "Dovecot",
     "MilterEndpoint",
     "OpenDKIM",
     "PeerFailed",
@@ -1745,6 +1850,7 @@ __all__ = [
     "Spamd",
     "clamav_milter",
     "clamd_server",
+    "dovecot_lmtp",
     "eicar_message",
     "free_port",
     "group_members",

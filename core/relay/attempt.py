@@ -11,6 +11,14 @@ What the message needs from the next hop is checked here before it is sent: SMTP
 (RFC 6531: a message that needs it cannot go to a server without it, 5.6.7), BINARYMIME
 (RFC 3030: needs BINARYMIME and CHUNKING, else 5.6.3), and SIZE (5.3.4). An 8-bit body
 goes with BODY=8BITMIME where offered, and as is otherwise (as Postfix does by default).
+DELIVERBY (RFC 2852) goes along, with the time left, where offered. LMTP routes
+(``lmtp``) take the same path; their per-recipient replies after the data become
+per-target outcomes. ``deliver_over`` runs a transaction on a connection the caller owns
+(ATRN's turned-around session).
+
+For MX delivery, the receiving domain's TLS policy (DANE, MTA-STS: ``tlspolicy``) decides
+per host whether TLS is opportunistic or required and checked; a host that fails a
+required check is skipped like one that refuses the connection, never used in clear text.
 """
 
 from __future__ import annotations
@@ -18,15 +26,19 @@ from __future__ import annotations
 import logging
 import random
 import re
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
 from mailgate.core.dns import Resolver
 from mailgate.core.errors import RelayError
 from mailgate.core.relay.client import Recipient, SmtpClient, SmtpReply, TransactionResult
-from mailgate.core.relay.mx import Hop, host_hops, mx_hops
+from mailgate.core.relay.lmtp import LmtpClient, LmtpResult
+from mailgate.core.relay.mx import Hop, host_hops, literal_address, mx_hops
 from mailgate.core.relay.pool import ConnectionPool
 from mailgate.core.relay.routes import Destination
+from mailgate.core.relay.tlspolicy import HopTls, TlsPolicies
+from mailgate.core.smtp.deliverby import by_of, pass_on_param
 from mailgate.core.smtp.dsnparams import options_dict, xtext_encode
 from mailgate.core.spool.envelope import SpoolEnvelope
 
@@ -67,6 +79,11 @@ def needs_smtputf8(envelope: SpoolEnvelope, targets: Sequence[str], content: byt
 
 def _mail_params(client: SmtpClient, envelope: SpoolEnvelope, size: int, utf8: bool) -> list[str]:
     params = []
+    if client.offers("DELIVERBY"):
+        # RFC 2852 section 4: the next hop gets the time that is left, not the original.
+        by = pass_on_param(envelope.mail_options, envelope.received_at, time.time())
+        if by is not None:
+            params.append(by)
     if client.offers("SIZE"):
         params.append(f"SIZE={size}")
     if envelope.body_type == "BINARYMIME":
@@ -100,13 +117,63 @@ def _recipient(client: SmtpClient, envelope: SpoolEnvelope, target: str, orig: s
 
 async def find_hops(resolver: Resolver, destination: Destination, rng: random.Random) -> list[Hop]:
     route = destination.route
+    if route is not None and route.path:
+        # LMTP over a Unix socket: one "hop", the socket itself.
+        return [Hop(route.host or "localhost", route.path, 0)]
     if route is not None:
         return await host_hops(resolver, route.host, route.port)
     return await mx_hops(resolver, destination.domain, destination.port, rng)
 
 
+async def _connect_with_policy(
+    hop: Hop,
+    destination: Destination,
+    settings: AttemptSettings,
+    hop_tls: HopTls | None,
+    policies: TlsPolicies | None,
+) -> SmtpClient:
+    if hop_tls is None or policies is None:
+        return await _connect(hop, destination, settings)
+    if hop_tls.check is not None:
+        try:
+            client = await SmtpClient.connect(
+                hop.host,
+                hop.address,
+                hop.port,
+                helo=settings.helo,
+                connect_timeout=settings.connect_timeout,
+                command_timeout=settings.command_timeout,
+                tls_policy=hop_tls.check,
+            )
+        except RelayError as exc:
+            policies.failed(hop_tls, hop, exc)
+            if hop_tls.kind != "sts-testing" or exc.status not in ("4.7.4", "4.7.5"):
+                raise
+            # MTA-STS testing mode (RFC 8461 section 5): report the failure, deliver anyway.
+            log.info("%s (MTA-STS testing mode: delivering without the policy)", exc)
+        else:
+            policies.connected(hop_tls, hop, client)
+            return client
+    client = await _connect(hop, destination, settings)
+    if hop_tls.kind != "sts-testing":
+        policies.connected(hop_tls, hop, client)
+    return client
+
+
 async def _connect(hop: Hop, destination: Destination, settings: AttemptSettings) -> SmtpClient:
     route = destination.route
+    if route is not None and route.transport == "lmtp":
+        return await LmtpClient.open(
+            host=hop.host,
+            address=hop.address,
+            port=hop.port,
+            path=route.path,
+            helo=settings.helo,
+            tls=route.tls,
+            tls_verify=route.tls_verify,
+            connect_timeout=settings.connect_timeout,
+            command_timeout=settings.command_timeout,
+        )
     try:
         return await SmtpClient.connect(
             hop.host,
@@ -164,6 +231,7 @@ async def attempt(
     settings: AttemptSettings,
     on_sent: Callable[[dict[str, Outcome]], Awaitable[None]],
     rng: random.Random,
+    policies: TlsPolicies | None = None,
 ) -> dict[str, Outcome]:
     """Deliver to ``targets`` (target → original recipient); an Outcome for every target.
 
@@ -174,6 +242,10 @@ async def attempt(
         hops = await find_hops(resolver, destination, rng)
     except RelayError as exc:
         return _all(names, _from_error(exc))
+    domain_tls = None
+    mx_delivery = destination.route is None and destination.tls != "none"
+    if policies is not None and mx_delivery and literal_address(destination.domain) is None:
+        domain_tls = await policies.domain(destination.domain)
     last: Outcome | None = None
     reused = pool.take(destination.key)
     candidates: list[Hop | SmtpClient] = [reused] if reused is not None else []
@@ -183,7 +255,12 @@ async def attempt(
             client = candidate
         else:
             try:
-                client = await _connect(candidate, destination, settings)
+                hop_tls = None
+                if domain_tls is not None and policies is not None:
+                    hop_tls = await policies.hop(domain_tls, candidate)
+                client = await _connect_with_policy(
+                    candidate, destination, settings, hop_tls, policies
+                )
             except RelayError as exc:
                 log.info("%s: %s", envelope.queue_id, exc)
                 # Even a server that refuses the session for good (a 554 greeting) speaks
@@ -213,6 +290,29 @@ async def attempt(
     return _all(names, last)
 
 
+async def deliver_over(
+    client: SmtpClient,
+    envelope: SpoolEnvelope,
+    content: bytes,
+    targets: dict[str, str],
+    on_sent: Callable[[dict[str, Outcome]], Awaitable[None]],
+) -> dict[str, Outcome]:
+    """Deliver over a connection the caller already has (ATRN's turned-around session).
+
+    Every failure is an outcome: a refused MAIL or a broken connection is temporary for
+    every target.
+    """
+    names = list(targets)
+    try:
+        outcomes = await _transaction(client, envelope, content, targets, on_sent)
+    except RelayError as exc:
+        failed = _from_error(exc, client.peer)
+        return _all(names, Outcome("temporary", "4.4.2", failed.reply, failed.remote_mta))
+    if outcomes is None:
+        return _all(names, Outcome("temporary", "4.4.2", "MAIL FROM refused", client.peer))
+    return outcomes
+
+
 async def _transaction(
     client: SmtpClient,
     envelope: SpoolEnvelope,
@@ -227,7 +327,9 @@ async def _transaction(
         message = f"{peer} does not support SMTPUTF8, which this message needs"
         return _all(names, Outcome("permanent", "5.6.7", message, peer))
     binary = envelope.body_type == "BINARYMIME"
-    if binary and not (client.offers("BINARYMIME") and client.offers("CHUNKING")):
+    # LMTP here sends with DATA only: a binary body cannot go over it.
+    lmtp = isinstance(client, LmtpClient)
+    if binary and (lmtp or not (client.offers("BINARYMIME") and client.offers("CHUNKING"))):
         message = f"{peer} does not support BINARYMIME; the message cannot be converted"
         return _all(names, Outcome("permanent", "5.6.3", message, peer))
     limit = client.max_size
@@ -235,7 +337,11 @@ async def _transaction(
         message = f"message size {len(content)} exceeds the limit of {peer} ({limit})"
         return _all(names, Outcome("permanent", "5.3.4", message, peer))
     recipients = [_recipient(client, envelope, t, targets[t]) for t in names]
-    dsn = client.offers("DSN")
+    # A next hop without DELIVERBY cannot honour BY: success is then still ours to report
+    # (RFC 2852 section 4: a "relayed" notice when asked for).
+    dsn = client.offers("DSN") and (
+        client.offers("DELIVERBY") or by_of(envelope.mail_options) is None
+    )
     result: TransactionResult = await client.send(
         envelope.mail_from,
         _mail_params(client, envelope, len(content), utf8),
@@ -248,14 +354,17 @@ async def _transaction(
             await client.rset()
             return None
         return _all(names, _outcome(result.mail, peer, dsn))
+    # LMTP (RFC 2033) answers the data once per accepted recipient; SMTP once for all.
+    per_rcpt = result.data_replies if isinstance(result, LmtpResult) else ()
     outcomes: dict[str, Outcome] = {}
-    for target, reply in zip(names, result.rcpts, strict=True):
+    for index, (target, reply) in enumerate(zip(names, result.rcpts, strict=True)):
+        data = per_rcpt[index] if per_rcpt else result.data
         if not reply.ok:
             outcomes[target] = _outcome(reply, peer, dsn)
-        elif result.data is None:
+        elif data is None:
             outcomes[target] = Outcome("temporary", "4.0.0", "no reply to the data", peer)
         else:
-            outcomes[target] = _outcome(result.data, peer, dsn)
+            outcomes[target] = _outcome(data, peer, dsn)
     sent = {target: o for target, o in outcomes.items() if o.kind == "sent"}
     if sent:
         # Durable before anything else happens on this connection (see the docstring).

@@ -21,6 +21,7 @@ import re
 import ssl
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 from mailgate.core.errors import RelayError
 
@@ -96,6 +97,19 @@ def client_context(verify: bool) -> ssl.SSLContext:
     return context
 
 
+class TlsPolicyHook(Protocol):
+    """A receiving domain's TLS policy for one connection (MTA-STS, DANE: ``tlspolicy``).
+
+    With a hook, STARTTLS is required, the hook's context and SNI name are used, and
+    ``check`` sees the session after the handshake: a reason means a 4.7.5 failure.
+    """
+
+    context: ssl.SSLContext
+    server_name: str
+
+    def check(self, ssl_object: ssl.SSLObject | None) -> str | None: ...
+
+
 class SmtpClient:
     """An open, greeted (and maybe TLS-protected, authenticated) SMTP connection."""
 
@@ -122,6 +136,12 @@ class SmtpClient:
         self.broken = False
 
     @property
+    def local_address(self) -> str:
+        """Our end's address (TLS-RPT's sending-mta-ip)."""
+        sockname = self._writer.get_extra_info("sockname")
+        return str(sockname[0]) if isinstance(sockname, tuple) and sockname else ""
+
+    @property
     def peer(self) -> str:
         """The next hop as a DSN's Remote-MTA and the log show it: ``name[address]:port``."""
         return f"{self.host}[{self.address}]:{self.port}"
@@ -142,10 +162,13 @@ class SmtpClient:
         command_timeout: float = 300.0,
         username: str | None = None,
         password: str | None = None,
+        tls_policy: TlsPolicyHook | None = None,
     ) -> SmtpClient:
         """Connect, read the greeting, EHLO (or HELO), STARTTLS and AUTH as configured."""
         context = client_context(tls_verify) if tls != "none" else None
         server_name = host if tls_verify else None
+        if tls_policy is not None:
+            tls, context, server_name = "starttls", tls_policy.context, tls_policy.server_name
         try:
             reader, writer = await asyncio.wait_for(
                 asyncio.open_connection(
@@ -169,6 +192,12 @@ class SmtpClient:
             if tls in ("opportunistic", "starttls") and context is not None:
                 if "STARTTLS" in client.extensions:
                     await client._starttls(context, server_name, helo)
+                    if tls_policy is not None:
+                        ssl_object = client._writer.get_extra_info("ssl_object")
+                        problem = tls_policy.check(ssl_object)
+                        if problem is not None:
+                            client.broken = True
+                            raise RelayError(f"{client.peer}: {problem}", status="4.7.5")
                 elif tls == "starttls":
                     raise RelayError(
                         f"{client.peer}: TLS is required, but the server does not offer STARTTLS",

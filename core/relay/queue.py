@@ -21,6 +21,11 @@ attempt and last reply, all in the spool file itself. A pass over a message:
 Loop protection: a message with more than ``max_hops`` Received headers is not relayed
 but bounced (5.4.6). Messages on hold are never touched.
 
+Routes of transport ``hold`` keep their targets queued (until ``relay_max_lifetime``)
+for the domain's customer, who takes them with ATRN (``turn``, RFC 2645). ETRN
+(``flush_matching``, RFC 1985) asks for an attempt now. A message sent with DELIVERBY
+(RFC 2852) is returned at its deadline (R mode, 5.4.7) or reported delayed (N mode).
+
 Operator requests (``mailgate queue flush|bounce``) arrive as files in
 ``spool/requests/`` plus SIGUSR1 (``flush`` here), so no other process ever rewrites a
 spool file the relay may be writing.
@@ -41,11 +46,21 @@ from pathlib import Path
 from mailgate.core.config import Config
 from mailgate.core.dns import Resolver
 from mailgate.core.errors import SpoolError
-from mailgate.core.relay.attempt import AttemptSettings, Outcome, attempt, header_block
+from mailgate.core.relay.attempt import (
+    AttemptSettings,
+    Outcome,
+    attempt,
+    deliver_over,
+    header_block,
+)
+from mailgate.core.relay.client import SmtpClient
 from mailgate.core.relay.notices import send_notices
 from mailgate.core.relay.pool import ConnectionPool
 from mailgate.core.relay.routes import Router
-from mailgate.core.spool.envelope import RemoteState, SpoolEnvelope
+from mailgate.core.relay.tlspolicy import TlsPolicies
+from mailgate.core.smtp.deliverby import EXPIRED_STATUS, by_of
+from mailgate.core.smtp.dsnparams import notify_of
+from mailgate.core.spool.envelope import NoticeKind, RemoteState, SpoolEnvelope
 from mailgate.core.spool.queue_id import is_valid_queue_id
 from mailgate.core.spool.spool import CorruptSpoolFile, NoSuchMessage, Spool
 
@@ -86,7 +101,7 @@ class RelayAgent:
         self._spool = spool
         self._config = config
         self._resolver = resolver
-        self._router = Router(config.relay_routes, port=config.relay_port, tls=config.relay_tls)
+        self.router = Router(config.relay_routes, port=config.relay_port, tls=config.relay_tls)
         self._pool = ConnectionPool(config.relay_connection_cache_time)
         self._settings = AttemptSettings(
             helo=config.hostname,
@@ -94,6 +109,8 @@ class RelayAgent:
             command_timeout=config.relay_command_timeout,
         )
         self._rng = rng or random.Random()
+        # MTA-STS, DANE and TLS-RPT for MX delivery (docs/relay.md).
+        self._policies = TlsPolicies.from_config(config, resolver)
         self._requests = spool.root / REQUESTS_DIR
         # Set by serve: hands a spooled notification to local delivery.
         self.local_submit: Callable[[str], None] = lambda queue_id: None
@@ -109,6 +126,7 @@ class RelayAgent:
         self._tasks: set[asyncio.Task[None]] = set()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._running = False
+        self._turning: set[str] = set()  # hold routes (domains) an ATRN session is emptying
         self.sent = 0  # targets delivered since start, for the log and tests
 
     # -- lifecycle ----------------------------------------------------------------------
@@ -154,6 +172,8 @@ class RelayAgent:
         for task in list(self._tasks):
             task.cancel()
         await self._pool.close()
+        if self._policies is not None:
+            self._policies.close()
 
     def submit(self, queue_id: str, *, force: bool = False) -> None:
         """Look at ``queue_id`` soon (local delivery calls this). Never blocks."""
@@ -236,6 +256,10 @@ class RelayAgent:
             times.append(0.0)
         if envelope.notices_due():
             times.append(0.0)
+        by = by_of(envelope.mail_options)
+        if by is not None and times and envelope.received_at + by.seconds > time.time():
+            # The deadline needs a pass of its own: a return (R) or a delay notice (N).
+            times.append(envelope.received_at + by.seconds)
         return min(times, default=0.0)
 
     def _schedule(self, queue_id: str, delay: float) -> None:
@@ -280,6 +304,128 @@ class RelayAgent:
             )
         return limit
 
+    # -- ETRN and ATRN ------------------------------------------------------------------
+
+    def _pending(self, wanted: Callable[[str], bool]) -> list[str]:
+        """Deferred messages with an unfinished remote target whose domain is ``wanted``."""
+        found = []
+        for queue_id in self._spool.list_ids("deferred"):
+            try:
+                envelope = self._spool.info(queue_id, include_held=False).envelope
+            except SpoolError:
+                continue
+            targets = [t for t in envelope.relay if not _final(envelope, t)]
+            if any(wanted(domain_of(target)) for target in targets):
+                found.append(queue_id)
+        return found
+
+    async def flush_matching(self, wanted: Callable[[str], bool]) -> int:
+        """ETRN: attempt now every message with a waiting target for a ``wanted`` domain.
+
+        Targets of hold routes are not attempted (they wait for ATRN); the caller keeps
+        such domains out of ``wanted``. Returns the number of messages started.
+        """
+        ids = await asyncio.to_thread(self._pending, wanted)
+        for queue_id in ids:
+            self.submit(queue_id, force=True)
+        return len(ids)
+
+    def atrn_domains(self, user: str) -> list[str]:
+        """The hold routes' domains ``user`` may take with ATRN."""
+        user = user.lower()
+        return [
+            route.domain
+            for route in self.router.hold_routes()
+            if user in (name.lower() for name in route.atrn_users)
+        ]
+
+    def claim(self, domains: list[str]) -> list[str]:
+        """Reserve ``domains`` for one ATRN session; the busy ones if any (nothing reserved).
+
+        Checked and taken in one step on the event loop, so two sessions of the same
+        customer never empty a domain at the same time. ``turn`` or ``release`` frees them.
+        """
+        busy = [domain for domain in domains if domain in self._turning]
+        if not busy:
+            self._turning.update(domains)
+        return busy
+
+    def release(self, domains: list[str]) -> None:
+        self._turning.difference_update(domains)
+
+    def _held_for(self, domains: set[str]) -> Callable[[str], bool]:
+        def wanted(domain: str) -> bool:
+            route = self.router.find(domain)
+            return route is not None and route.transport == "hold" and route.domain in domains
+
+        return wanted
+
+    async def held_messages(self, domains: list[str]) -> list[str]:
+        """Messages with targets waiting for ATRN by ``domains`` (hold routes' domains)."""
+        return await asyncio.to_thread(self._pending, self._held_for(set(domains)))
+
+    async def turn(self, client: SmtpClient, domains: list[str]) -> int:
+        """ATRN: deliver the mail held for ``domains`` over ``client`` (the turned session).
+
+        Each message is taken from the scheduler while it is sent, exactly as a worker
+        would; what the customer refuses temporarily stays held. Returns the number of
+        targets delivered.
+        """
+        wanted = self._held_for(set(domains))
+        self._turning.update(domains)  # normally claimed already (``claim``)
+        delivered = 0
+        try:
+            for queue_id in await asyncio.to_thread(self._pending, wanted):
+                while queue_id in self._active:
+                    await asyncio.sleep(0.05)  # a worker's pass over it ends soon
+                self._active.add(queue_id)
+                try:
+                    delivered += await self._turn_one(client, queue_id, wanted)
+                except (NoSuchMessage, CorruptSpoolFile):
+                    continue
+                finally:
+                    self._active.discard(queue_id)
+                    if queue_id in self._again:
+                        self._again.discard(queue_id)
+                        self.submit(queue_id)
+                if client.broken:
+                    break
+        finally:
+            self._turning.difference_update(domains)
+        return delivered
+
+    async def _turn_one(
+        self, client: SmtpClient, queue_id: str, wanted: Callable[[str], bool]
+    ) -> int:
+        envelope, content = await asyncio.to_thread(self._spool.load, queue_id, include_held=False)
+        for target, orig in envelope.relay.items():
+            if target not in envelope.remote:
+                envelope.remote[target] = RemoteState(orig)
+        targets = {
+            target: state.orig
+            for target, state in envelope.remote.items()
+            if not state.final and wanted(domain_of(target))
+        }
+        if not targets:
+            return 0
+
+        async def on_sent(sent: dict[str, Outcome]) -> None:
+            for target, outcome in sent.items():
+                self._record(envelope, target, outcome)
+            await self._spool.update_envelope(queue_id, envelope)
+
+        outcomes = await deliver_over(client, envelope, content, targets, on_sent)
+        until = envelope.received_at + self._config.relay_max_lifetime
+        for target, outcome in outcomes.items():
+            if outcome.kind != "sent":
+                self._record(envelope, target, outcome)
+                if envelope.remote[target].status == "deferred":
+                    envelope.remote[target].next_attempt = until  # held again
+        self._expire(envelope)
+        await self._notify(envelope, content)
+        await self._finish(queue_id, envelope)
+        return sum(1 for outcome in outcomes.values() if outcome.kind == "sent")
+
     # -- one message --------------------------------------------------------------------
 
     async def _process(self, queue_id: str) -> None:
@@ -304,6 +450,7 @@ class RelayAgent:
                 envelope.remote[target] = RemoteState(orig)
         if bounce:
             self._operator_bounce(envelope)
+        self._deliver_by_expired(envelope)
         now = time.time()
         due = [
             target
@@ -331,7 +478,10 @@ class RelayAgent:
         domain: str,
         targets: dict[str, str],
     ) -> None:
-        destination = self._router.destination(domain)
+        destination = self.router.destination(domain)
+        if destination.transport == "hold":
+            self._hold(envelope, targets)
+            return
 
         async def on_sent(sent: dict[str, Outcome]) -> None:
             for target, outcome in sent.items():
@@ -349,6 +499,7 @@ class RelayAgent:
                 settings=self._settings,
                 on_sent=on_sent,
                 rng=self._rng,
+                policies=self._policies,
             )
         for target, outcome in outcomes.items():
             if outcome.kind != "sent":
@@ -419,8 +570,38 @@ class RelayAgent:
                     envelope.queue_id, target, state.last_reply,
                 )  # fmt: skip
 
+    def _hold(self, envelope: SpoolEnvelope, targets: dict[str, str]) -> None:
+        """Targets of a hold route wait, untried, for ATRN until the lifetime runs out."""
+        until = envelope.received_at + self._config.relay_max_lifetime
+        for target in targets:
+            state = envelope.remote[target]
+            if state.status == "queued":
+                log.info("%s: to=<%s>, status=held (waiting for ATRN)", envelope.queue_id, target)
+            state.status = "deferred"
+            state.last_status = state.last_status or "4.4.1"
+            state.last_reply = state.last_reply or "waiting for the domain to connect (ATRN)"
+            state.next_attempt = until
+
+    def _deliver_by_expired(self, envelope: SpoolEnvelope) -> None:
+        """RFC 2852 R mode: at the deadline, what is not delivered is returned (5.4.7)."""
+        by = by_of(envelope.mail_options)
+        if by is None or by.mode != "R" or time.time() < envelope.received_at + by.seconds:
+            return
+        for target, state in envelope.remote.items():
+            if state.final:
+                continue
+            state.status = "bounced"
+            state.last_status = EXPIRED_STATUS
+            previous = f"; last: {state.last_reply}" if state.last_reply else ""
+            state.last_reply = f"delivery time expired (BY={by.seconds};R){previous}"
+            log.info(
+                "%s: to=<%s>, status=expired (%s)",
+                envelope.queue_id, target, state.last_reply,
+            )  # fmt: skip
+
     async def _notify(self, envelope: SpoolEnvelope, content: bytes) -> None:
         due = envelope.notices_due(delay_after=self._config.relay_delay_warning or None)
+        due += [item for item in _deliver_by_notices(envelope) if item not in due]
         if not due:
             return
         await send_notices(
@@ -458,3 +639,36 @@ def _by_domain(envelope: SpoolEnvelope, targets: list[str]) -> dict[str, dict[st
     for target in targets:
         groups.setdefault(domain_of(target), {})[target] = envelope.remote[target].orig
     return groups
+
+
+def _deliver_by_notices(envelope: SpoolEnvelope) -> list[tuple[str, NoticeKind]]:
+    """Notices DELIVERBY asks for beyond NOTIFY (RFC 2852 section 4).
+
+    N mode: a delay notice once the deadline has passed with targets still waiting. T
+    (trace): a notice for every target relayed to a next hop that did not take the BY
+    parameter over. ``NOTIFY=NEVER`` still means never.
+    """
+    by = by_of(envelope.mail_options)
+    if by is None or envelope.mail_from == "":
+        return []
+    passed = time.time() >= envelope.received_at + by.seconds
+    due: list[tuple[str, NoticeKind]] = []
+    for target, state in envelope.remote.items():
+        if notify_of(envelope.options_of(state.orig)) == frozenset():
+            continue
+        notified = envelope.notified.get(target, [])
+        if by.mode == "N" and passed and not state.final and "delay" not in notified:
+            due.append((target, "delay"))
+        elif (
+            by.trace
+            and state.status == "sent"
+            and not state.dsn_relayed
+            and "success" not in notified
+        ):
+            due.append((target, "success"))
+    return due
+
+
+def _final(envelope: SpoolEnvelope, target: str) -> bool:
+    state = envelope.remote.get(target)
+    return state is not None and state.final

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import itertools
 import logging
 import os
@@ -19,7 +20,7 @@ import stat
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from mailgate.core.config import Config, ListenAddress
 from mailgate.core.errors import ConfigError
@@ -29,6 +30,9 @@ from mailgate.core.smtp.handler import DeliveryHandler
 from mailgate.core.smtp.limits import ConnectionLimits, SlidingWindow
 from mailgate.core.smtp.session import MailgateSMTP
 from mailgate.core.spool.envelope import SpoolEnvelope
+
+if TYPE_CHECKING:
+    from mailgate.core.relay.queue import RelayAgent
 
 log = logging.getLogger("mailgate.smtp")
 
@@ -64,11 +68,14 @@ class ServerContext:
     delivery: DeliveryQueue
     tls_context: ssl.SSLContext | None
     auth_failure_delay: float = 1.0
+    # The outbound queue, for ETRN and ATRN (None without outbound delivery).
+    relay: RelayAgent | None = None
     sessions: set[MailgateSMTP] = field(default_factory=set)
     shutting_down: bool = False
     limits: ConnectionLimits = field(init=False)
     auth_failures: SlidingWindow = field(init=False)
     relay_networks: list[Any] = field(init=False)
+    etrn_networks: list[Any] = field(init=False)
     milter_specs: list[MilterSpec] = field(init=False)
     _ids: itertools.count[int] = field(default_factory=itertools.count, init=False)
     _background: set[asyncio.Future[Any]] = field(default_factory=set, init=False)
@@ -83,6 +90,10 @@ class ServerContext:
         )
         self.auth_failures = SlidingWindow(config.auth_max_failures, config.auth_failure_window)
         self.relay_networks = config.relay_network_objects
+        self.etrn_networks = [
+            *self.relay_networks,
+            *(ipaddress.ip_network(net, strict=False) for net in config.etrn_networks),
+        ]
         self.milter_specs = build_specs(config)
         self._prefix = f"{os.getpid():x}"
 

@@ -6,7 +6,8 @@ replaces what falls short there: the read loop (our sans-I/O framing with per-st
 RFC 5321 timeouts, the 1000-octet line limit, a hard error limit, graceful shutdown),
 EHLO/HELO, MAIL/RCPT (our parser, SIZE/BODY/SMTPUTF8), a bulk DATA reader, BDAT
 (RFC 3030 CHUNKING and BINARYMIME, which aiosmtpd lacks) and asynchronous, throttled AUTH
-PLAIN/LOGIN. DATA and BDAT share one end-of-message path (``_finish_message``).
+PLAIN/LOGIN, ETRN and ATRN (decided in ``turn``; ATRN turns this connection around and
+hands it to the relay). DATA and BDAT share one end-of-message path (``_finish_message``).
 Decisions about addresses and the spool live in the handler
 (``mailgate.core.smtp.handler``); every reply comes from ``replies``.
 """
@@ -25,7 +26,8 @@ from typing import TYPE_CHECKING, Any, cast
 from aiosmtpd.smtp import SMTP, AuthResult, Envelope, Session, TLSSetupException, syntax
 
 from mailgate.core.milter import MilterChain, SessionInfo, StageResult
-from mailgate.core.smtp import dsnparams, replies
+from mailgate.core.relay.client import SmtpClient
+from mailgate.core.smtp import deliverby, dsnparams, replies, turn
 from mailgate.core.smtp.chunking import BdatSyntaxError, ChunkedBody, ChunkReader, parse_bdat
 from mailgate.core.smtp.framing import DataReader, DataResult, LineBuffer, TooLong
 from mailgate.core.smtp.parser import (
@@ -38,6 +40,7 @@ from mailgate.core.smtp.parser import (
 from mailgate.core.smtp.replies import Reply
 
 if TYPE_CHECKING:
+    from mailgate.core.relay.queue import RelayAgent
     from mailgate.core.smtp.handler import DeliveryHandler
     from mailgate.core.smtp.server import ServerContext
 
@@ -463,7 +466,14 @@ class MailgateSMTP(SMTP):
             "SMTPUTF8",
             "ENHANCEDSTATUSCODES",
             "DSN",
+            # RFC 2852: the minimum BY time in seconds (none advertised when it is 0).
+            f"DELIVERBY {self.context.config.deliverby_min or ''}".rstrip(),
         ]
+        relay = self.context.relay
+        if relay is not None:
+            lines.append("ETRN")
+            if self.role in ("submission", "smtps") and relay.router.hold_routes():
+                lines.append("ATRN")
         if self.tls_context is not None and not self.tls_active:
             lines.append("STARTTLS")
         if self.auth_offered():
@@ -473,6 +483,79 @@ class MailgateSMTP(SMTP):
         lines.append("HELP")
         text = "\r\n".join(f"250-{line}" for line in lines[:-1]) + f"\r\n250 {lines[-1]}"
         await self._write_line(text)
+
+    @syntax("ETRN domain | @domain | #queue")
+    async def smtp_ETRN(self, arg: str | None) -> None:
+        if await self.check_helo_needed():
+            return
+        if self.in_transaction:
+            await self.reply(replies.BAD_SEQUENCE)
+            return
+        request = turn.parse_etrn(arg)
+        if request is None:
+            await self.reply(turn.ETRN_SYNTAX)
+            return
+        allowed = turn.etrn_client_allowed(
+            self.client_ip, self.auth_user is not None, self.context.etrn_networks
+        )
+        reply = await turn.etrn(
+            request,
+            relay=self.context.relay,
+            client_allowed=allowed,
+            allowed_domains=self.context.config.etrn_domains,
+        )
+        log.info("%s: ETRN %s from [%s]: %s", self.session_id, request.node, self.client_ip, reply)
+        await self.reply(reply)
+
+    @syntax("ATRN [domain[,domain...]]")
+    async def smtp_ATRN(self, arg: str | None) -> None:
+        """RFC 2645: after 250 this session becomes the SMTP client of its own peer."""
+        if await self.check_helo_needed():
+            return
+        if self.in_transaction:
+            await self.reply(replies.BAD_SEQUENCE)
+            return
+        relay = self.context.relay
+        reply, domains = await turn.atrn(arg, role=self.role, user=self.auth_user, relay=relay)
+        if reply.code != 250 or relay is None:
+            await self.reply(reply)
+            return
+        try:
+            await self._turn_around(relay, domains)
+        finally:
+            relay.release(domains)
+        raise SessionClosed
+
+    async def _turn_around(self, relay: RelayAgent, domains: list[str]) -> None:
+        """Become the SMTP client of our peer and deliver its domains' held mail."""
+        await self.reply(turn.ATRN_OK)
+        log.info(
+            "%s: ATRN by %s from [%s]: turning %s",
+            self.session_id, self.auth_user, self.client_ip, ", ".join(domains),
+        )  # fmt: skip
+        await self._flush()
+        # The peer must wait for the 250 before it greets (RFC 2645 section 4.2); anything
+        # it sent early is not a reply to us and is dropped.
+        self.lines.take_all()
+        self.closing = True
+        peer = self.transport.get_extra_info("peername") if self.transport else None
+        client = SmtpClient(
+            self._reader,
+            self._writer,
+            host=self.sess.host_name or "atrn-client",
+            address=self.client_ip,
+            port=int(peer[1]) if isinstance(peer, tuple) else 0,
+            command_timeout=self.context.config.relay_command_timeout,
+        )
+        delivered = 0
+        try:
+            await client._greet(self.context.config.hostname)
+            delivered = await relay.turn(client, domains)
+        except Exception as exc:
+            log.info("%s: ATRN session with [%s] failed: %s", self.session_id, self.client_ip, exc)
+        finally:
+            await client.quit()
+        log.info("%s: ATRN: %d recipient(s) delivered", self.session_id, delivered)
 
     @syntax("HELP [command]")
     async def smtp_HELP(self, arg: str | None) -> None:
@@ -713,6 +796,10 @@ class MailgateSMTP(SMTP):
                     return replies.PARAM_BAD.with_text("SMTPUTF8 takes no value")
             elif key in ("RET", "ENVID"):
                 problem = dsnparams.check_mail_param(key, value)
+                if problem is not None:
+                    return problem
+            elif key == "BY":
+                problem = deliverby.check_mail_param(value, self.context.config.deliverby_min)
                 if problem is not None:
                     return problem
             elif key == "AUTH":
