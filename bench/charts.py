@@ -146,7 +146,59 @@ def chart_e(e: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
-CHARTS = {"A": chart_a, "B": chart_b, "C": chart_c, "D": chart_d, "E": chart_e}
+def chart_f(f: dict[str, Any], path: Path) -> None:
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4.5))
+    peers = f["peers"]
+    medians = f["median"]
+    series = {
+        "accepted msg/s": [medians.get(p, {}).get("rate") or 0 for p in peers],
+        "relayed msg/s": [medians.get(p, {}).get("relay_rate") or 0 for p in peers],
+    }
+    _bars(left, peers, series, log=False)
+    left.set_ylabel("messages/s")
+    left.legend(fontsize=8)
+    left.set_title("throughput", fontsize=10)
+    cpu = [medians.get(p, {}).get("server_cpu_ms_per_msg") or 0 for p in peers]
+    _bars(right, peers, {"server CPU ms/msg": cpu}, log=False)
+    right.set_ylabel("CPU ms per message (accept + relay)")
+    right.set_title("CPU per message", fontsize=10)
+    fig.suptitle(f["title"])
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def chart_g(g: dict[str, Any], path: Path) -> None:
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.5))
+    labels = list(g["crypto"])
+    series = {
+        "sign µs": [g["crypto"][k].get("sign_us") or 0 for k in labels],
+        "verify µs": [g["crypto"][k].get("verify_us") or 0 for k in labels],
+    }
+    _bars(left, labels, series, log=False)
+    left.set_ylabel("µs per operation (10 KB message)")
+    left.legend(fontsize=8)
+    left.set_title("DKIM in process (the dkim daemon's code)", fontsize=10)
+    peers = g["peers"]
+    medians = g["chain"]["median"]
+    _bars(right, peers, {"msg/s": [medians.get(p, {}).get("rate") or 0 for p in peers]}, log=False)
+    right.set_ylabel("messages/s")
+    right.set_title("spf+dkim+dmarc+arc vs opendkim+opendmarc", fontsize=10)
+    fig.suptitle(g["title"], fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+CHARTS = {
+    "A": chart_a,
+    "B": chart_b,
+    "C": chart_c,
+    "D": chart_d,
+    "E": chart_e,
+    "F": chart_f,
+    "G": chart_g,
+}
 
 
 def write_charts(scenarios: dict[str, Any], directory: Path, prefix: str) -> list[Path]:

@@ -1,6 +1,6 @@
 """`python -m bench`: run the scenarios, write JSON, Markdown and PNG charts.
 
-    .venv/bin/python -m bench [--smoke] [--scenarios A,B,C,D,E] [--repeats N] [--out DIR]
+    .venv/bin/python -m bench [--smoke] [--scenarios A,B,C,D,E,F,G] [--repeats N] [--out DIR]
 
 Runs as root (Postfix's master must). Full run: ~10-15 minutes on 2 cores; ``--smoke``:
 tiny counts, one repeat, well under a minute, to keep the suite working in CI.
@@ -29,6 +29,8 @@ from bench import (
     scenario_c,
     scenario_d,
     scenario_e,
+    scenario_f,
+    scenario_g,
     servers,
 )
 from bench.common import Settings
@@ -39,6 +41,8 @@ SCENARIOS = {
     "C": scenario_c.run,
     "D": scenario_d.run,
     "E": scenario_e.run,
+    "F": scenario_f.run,
+    "G": scenario_g.run,
 }
 RESULTS = Path(__file__).resolve().parent / "results"
 DEFAULT_WORK = Path("/var/tmp/mailgate-bench")
@@ -81,7 +85,7 @@ def _postfix_version() -> str:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n")[0])
     ap.add_argument("--smoke", action="store_true", help="tiny counts, 1 repeat (CI)")
-    ap.add_argument("--scenarios", default="A,B,C,D,E", help="comma-separated, e.g. A,C")
+    ap.add_argument("--scenarios", default=",".join(SCENARIOS), help="comma-separated, e.g. A,C")
     ap.add_argument("--repeats", type=int, default=None, help="default 3 (smoke: 1)")
     ap.add_argument("--out", type=Path, default=None, help="default bench/results[/smoke]")
     ap.add_argument("--work", type=Path, default=DEFAULT_WORK, help="scratch dir (not tmpfs)")
@@ -91,7 +95,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.scenarios = [s.strip().upper() for s in args.scenarios.split(",") if s.strip()]
     unknown = [s for s in args.scenarios if s not in SCENARIOS]
     if unknown:
-        ap.error(f"unknown scenario(s): {', '.join(unknown)} (choose from A, B, C, D)")
+        ap.error(f"unknown scenario(s): {', '.join(unknown)} (choose from {', '.join(SCENARIOS)})")
     if args.repeats is None:
         args.repeats = 1 if args.smoke else 3
     if args.out is None:

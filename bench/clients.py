@@ -66,8 +66,17 @@ def pyload(
     duration: float | None = None,
     count: int | None = None,
     max_time: float = 300.0,
+    recipient: str | None = None,
+    sender: str | None = None,
+    message: Path | None = None,
 ) -> dict[str, Any]:
     argv = [PYTHON, "-m", "bench.load", "--port", str(port), "--sessions", str(sessions)]
+    if recipient is not None:
+        argv += ["--recipient", recipient]
+    if sender is not None:
+        argv += ["--sender", sender]
+    if message is not None:  # a fixed message file (scenario G: pre-signed); size is ignored
+        argv += ["--message", str(message)]
     argv += ["--size", str(size), "--max-time", str(max_time)]
     if duration is not None:
         argv += ["--duration", str(duration)]

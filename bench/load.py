@@ -11,7 +11,9 @@ dot. With connection reuse a session sends message after message on one connecti
 without it, every message gets its own connection (connect, banner, EHLO, the message,
 QUIT). The run ends after ``--count`` messages (shared by all sessions) or when
 ``--duration`` has passed (each session finishes the message it is sending); either way
-never later than ``--max-time``. ``--probe INTERVAL`` is one session that sends a small
+never later than ``--max-time``. ``--message FILE`` sends that file as every message in
+place of the generated one (scenario G: a message DKIM-signed in advance; ``--size`` is
+then ignored). ``--probe INTERVAL`` is one session that sends a small
 message every INTERVAL seconds (on a fixed schedule: a late probe never causes a burst)
 until SIGTERM/SIGINT. The result is one JSON object on stdout.
 """
@@ -26,6 +28,7 @@ import signal
 import sys
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from bench.stats import percentile
 
@@ -63,6 +66,25 @@ def build_message(size: int, *, sender: str = SENDER, recipient: str = RECIPIENT
     if rest >= 3:
         body += b"x" * (rest - 2) + b"\r\n"
     return head + (body or b"\r\n") + b".\r\n"
+
+
+def file_message(path: str) -> bytes:
+    """The DATA payload of the message in ``path``: CRLF line ends, dot-stuffed, with the dot.
+
+    The file is sent as it is otherwise (a DKIM signature over it stays valid).
+    """
+    data = Path(path).read_bytes().replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
+    if not data.endswith(b"\r\n"):
+        data += b"\r\n"
+    lines = data.split(b"\r\n")
+    data = b"\r\n".join(b"." + line if line.startswith(b".") else line for line in lines)
+    return data + b".\r\n"
+
+
+def payload(args: argparse.Namespace) -> bytes:
+    if args.message is not None:
+        return file_message(args.message)
+    return build_message(args.size, sender=args.sender, recipient=args.recipient)
 
 
 class SmtpError(Exception):
@@ -200,7 +222,7 @@ def envelope_bytes(sender: str, recipient: str) -> bytes:
 
 
 async def run_load(args: argparse.Namespace) -> dict[str, object]:
-    message = build_message(args.size, sender=args.sender, recipient=args.recipient)
+    message = payload(args)
     envelope = envelope_bytes(args.sender, args.recipient)
     budget = Budget(args.count, args.duration, args.max_time)
     results = Results()
@@ -318,6 +340,7 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--max-time", type=float, default=300.0, help="hard limit of the run")
     ap.add_argument("--sender", default=SENDER)
     ap.add_argument("--recipient", default=RECIPIENT)
+    ap.add_argument("--message", default=None, metavar="FILE", help="send this file each time")
     ap.add_argument("--loop", choices=("uvloop", "asyncio"), default="uvloop")
     return ap
 

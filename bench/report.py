@@ -287,6 +287,76 @@ def _scenario_e(e: dict[str, Any]) -> list[str]:
     return out
 
 
+def _scenario_f(f: dict[str, Any]) -> list[str]:
+    out = [f"## {f['title']}", ""]
+    out += [
+        "| peer | accepted msg/s | relayed msg/s | server CPU ms/msg | p50 ms | p99 ms "
+        "| peak RSS MB | errors |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for peer in f["peers"]:
+        m = f["median"].get(peer, {})
+        out.append(
+            f"| {peer} | {_f(m.get('rate'), 0)} | {_f(m.get('relay_rate'), 0)} "
+            f"| {_f(m.get('server_cpu_ms_per_msg'), 3)} | {_f(m.get('latency_ms.p50'), 1)} "
+            f"| {_f(m.get('latency_ms.p99'), 1)} | {_f(m.get('peak_rss_mb'), 0)} "
+            f"| {int(m.get('errors') or 0)} |"
+        )
+    out += [""]
+    out += [f"- {label}: {_ratio(value)}" for label, value in f["ratios"].items()]
+    out += [f"- {label} (paired): {_ratio(v)}" for label, v in f["paired_ratios"].items()]
+    return out
+
+
+def _scenario_g(g: dict[str, Any]) -> list[str]:
+    out = [f"## {g['title']}", ""]
+    out += [
+        "DKIM cost per operation on a 10 KB message, in process, with the dkim daemon's "
+        "functions and shipped settings (key record from memory, no DNS); median of "
+        "per-repeat medians:",
+        "",
+        "| key | sign µs | verify µs | primitive sign µs, dkimpy | primitive sign µs, OpenSSL "
+        "| iterations per repeat |",
+        "| --- | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for label, cost in g["crypto"].items():
+        out.append(
+            f"| {label} | {_f(cost.get('sign_us'), 0)} | {_f(cost.get('verify_us'), 0)} "
+            f"| {_f(cost.get('dkimpy_primitive_sign_us'), 0)} "
+            f"| {_f(cost.get('openssl_primitive_sign_us'), 0)} | {cost.get('iterations')} |"
+        )
+    out += [
+        "",
+        "Primitive: the bare signature over a SHA-256 digest, as dkimpy computes it (RSA: "
+        "big integers in Python; Ed25519: PyNaCl) and as OpenSSL does (opendkim's library).",
+    ]
+    out += [
+        "",
+        "The chain, same pre-signed RSA-2048 message, same DNS zone (DKIM verifier CPU: the "
+        "dkim daemon's process, or opendkim's):",
+        "",
+        "| peer | msg/s | ms/msg | server CPU ms/msg | DKIM verifier CPU ms/msg | p50 ms "
+        "| p99 ms | peak RSS MB | errors |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    chain = g["chain"]
+    for peer in g["peers"]:
+        m = chain["median"].get(peer, {})
+        out.append(
+            f"| {peer} | {_f(m.get('rate'), 0)} | {_f(m.get('ms_per_msg'), 2)} "
+            f"| {_f(m.get('server_cpu_ms_per_msg'), 3)} | {_f(m.get('dkim_cpu_ms_per_msg'), 3)} "
+            f"| {_f(m.get('latency_ms.p50'), 1)} | {_f(m.get('latency_ms.p99'), 1)} "
+            f"| {_f(m.get('peak_rss_mb'), 0)} | {int(m.get('errors') or 0)} |"
+        )
+    out += [""]
+    out += [f"- {label}: {_ratio(value)}" for label, value in g["ratios"].items()]
+    out += [f"- {label} (paired): {_ratio(v)}" for label, v in g["paired_ratios"].items()]
+    out += ["", "Authentication-Results of the last message each side delivered:", ""]
+    for peer, text in chain.get("authentication_results", {}).items():
+        out.append(f"- {peer}: `{text or '-'}`")
+    return out
+
+
 def markdown(result: dict[str, Any]) -> str:
     meta = result["meta"]
     lines = [
@@ -311,6 +381,8 @@ def markdown(result: dict[str, Any]) -> str:
         ("C", _scenario_c),
         ("D", _scenario_d),
         ("E", _scenario_e),
+        ("F", _scenario_f),
+        ("G", _scenario_g),
     ):
         if key in scenarios:
             lines += ["", *render(scenarios[key])]

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import importlib
 import os
+import re
 import shutil
 import sys
 import time
@@ -24,6 +25,7 @@ REPO = Path(__file__).resolve().parent.parent
 PYTHON = sys.executable
 MAILGATE = str(Path(sys.executable).parent / "mailgate")
 HOST = "127.0.0.1"
+_SINK_COUNT = re.compile(r"mesg=(\d+)")
 DOMAIN = "test.example"
 RECIPIENT = f"bench@{DOMAIN}"
 
@@ -144,6 +146,32 @@ class SmtpSink(Peer):
         return self
 
 
+class CountingSink(Peer):
+    """smtp-sink as a next hop (scenario F): ``-c`` prints ``msg=N`` after every DATA."""
+
+    name = "smtp-sink"
+
+    def start(self) -> Peer:
+        tp = test_peers()
+        binary = tp.require("smtp-sink", "postfix")
+        self.port = tp.free_port()
+        argv = [binary, "-c", "-u", "nobody", "-m", "2000", f"{HOST}:{self.port}", "1000"]
+        self._launch(argv, None)
+        return self
+
+    def received(self) -> int:
+        """Messages the sink has taken so far (its last ``mesg=N``)."""
+        try:
+            with (self.work / f"{self.name}.log").open("rb") as log:
+                log.seek(0, os.SEEK_END)
+                log.seek(max(log.tell() - 256, 0))
+                tail = log.read().decode(errors="replace")
+        except FileNotFoundError:
+            return 0
+        match = _SINK_COUNT.findall(tail)
+        return int(match[-1]) if match else 0
+
+
 class StockAiosmtpd(Peer):
     """aiosmtpd 1.4 as shipped, its Sink handler (no PIPELINING, per-line DATA)."""
 
@@ -187,9 +215,12 @@ class MailgateServe(Peer):
         milters: list[str] | None = None,
         config: str = "",
         name: str | None = None,
+        env: dict[str, str] | None = None,
     ) -> None:
         super().__init__(work)
         self.loop = loop
+        # Extra MAILGATE_* settings (scenario F: the route to the sink).
+        self.extra_env = env or {}
         self.milters = milters or []
         # YAML for MAILGATE_CONFIG (a chain of policy daemons with their rule files).
         self.config = config
@@ -222,6 +253,7 @@ class MailgateServe(Peer):
                 ),
             }
         )
+        env.update(self.extra_env)
         if self.config:
             config = self.data_dir / "config.yaml"
             config.write_text(self.config)

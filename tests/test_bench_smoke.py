@@ -1,11 +1,12 @@
 """The benchmark suite still works: `python -m bench --smoke` end to end, every scenario.
 
-The smoke mode runs scenarios A-E against every peer (smtp-sink, stock aiosmtpd, the
+The smoke mode runs scenarios A-G against every peer (smtp-sink, stock aiosmtpd, the
 mailgate core on both loops, `mailgate serve`, Postfix, no-op milters, a policy daemon
 alone, the six-daemon chain against Postfix with postgrey, clamav-milter and
-spamass-milter) with tiny counts and one repeat. This checks that it finishes, writes JSON,
-Markdown and PNG charts, and that every figure is there and sane. It says nothing about
-whether a target is met.
+spamass-milter, both MTAs relaying to smtp-sink, the SPF/DKIM/DMARC/ARC daemons against
+Postfix with opendkim and opendmarc) with tiny counts and one repeat. This
+checks that it finishes, writes JSON, Markdown and PNG charts, and that every figure is
+there and sane. It says nothing about whether a target is met.
 """
 
 from __future__ import annotations
@@ -25,6 +26,8 @@ PEERS = {
     "C": {"mailgate", "postfix"},
     "D": {"mailgate", "aiosmtpd"},
     "E": {"mailgate-chain", "postfix-chain"},
+    "F": {"mailgate", "postfix"},
+    "G": {"mailgate-chain", "postfix-chain"},
 }
 
 
@@ -64,7 +67,7 @@ def test_bench_smoke(tmp_path: Path) -> None:
     assert (out / f"{stamp}.json").is_file()
     markdown = (out / f"{stamp}.md").read_text()
     assert markdown == (out / "latest.md").read_text()
-    for key in "ABCDE":
+    for key in "ABCDEFG":
         png = out / f"{stamp}-{key}.png"
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", png
         assert (out / f"latest-{key}.png").is_file()
@@ -73,7 +76,7 @@ def test_bench_smoke(tmp_path: Path) -> None:
     assert result["failed"] == {}
     assert result["meta"]["smoke"] is True
     scenarios = result["scenarios"]
-    assert set(scenarios) == set("ABCDE")
+    assert set(scenarios) == set("ABCDEFG")
     for key, peers in PEERS.items():
         assert set(scenarios[key]["peers"]) == peers, key
 
@@ -130,6 +133,32 @@ def test_bench_smoke(tmp_path: Path) -> None:
         for run in e["chain"]["runs"][peer]:
             assert run["delivered"] == run["messages"], peer
     assert all(value is not None for value in e["ratios"].values())
+
+    # F: both MTAs relayed every accepted message to the sink; CPU per message measured.
+    f = scenarios["F"]
+    for peer in PEERS["F"]:
+        median = f["median"][peer]
+        assert median["rate"] > 0 and median["relay_rate"] > 0, peer
+        assert median["errors"] == 0 and median["server_cpu_ms_per_msg"] > 0, peer
+        for run in f["runs"][peer]:
+            assert run["delivered"] == run["messages"], peer
+    assert all(value is not None for value in f["ratios"].values())
+
+    # G: DKIM crypto measured for both key types; both chains moved every message, and the
+    # pre-signed message passed SPF, DKIM and DMARC on both sides (p=reject refuses a fail).
+    g = scenarios["G"]
+    for label in ("rsa-2048", "ed25519"):
+        assert g["crypto"][label]["sign_us"] > 0 and g["crypto"][label]["verify_us"] > 0, label
+    for peer in PEERS["G"]:
+        median = g["chain"]["median"][peer]
+        assert median["rate"] > 0 and median["errors"] == 0, peer
+        assert median["server_cpu_ms_per_msg"] > 0, peer
+        for run in g["chain"]["runs"][peer]:
+            assert run["delivered"] == run["messages"], peer
+        verdict = g["chain"]["authentication_results"][peer]
+        for method in ("spf=pass", "dkim=pass", "dmarc=pass"):
+            assert method in verdict, (peer, verdict)
+    assert g["ratios"]["mailgate spf+dkim+dmarc+arc / postfix opendkim+opendmarc"] > 0
 
     assert {t["id"] for t in result["targets"]} == {"A1", "A2", "A3", "B", "C", "D"}
     assert all(t["value"] is not None for t in result["targets"])
