@@ -21,6 +21,7 @@ aggregate reports of ``mailgate dmarc report``.
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 import time
 from collections.abc import Callable
@@ -285,6 +286,13 @@ class DmarcMilter(PolicyMilter):
             )
         verdict.header_changes[:0] = removals
         verdict.header_changes.extend(additions)
+        if self._leading_space:
+            # With SMFIP_HDR_LEADSPC the MTA takes values as given: the space after the
+            # colon is ours to send (dkim and arc do the same).
+            verdict.header_changes = [
+                dataclasses.replace(change, value=" " + change.value) if change.value else change
+                for change in verdict.header_changes
+            ]
         return verdict
 
     def _record(self, check: MessageCheck, verdict: Verdict, facts: MessageFacts) -> None:
