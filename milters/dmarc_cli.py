@@ -177,6 +177,10 @@ def _send(
         spool.close()
     for line in outcome.lines:
         print(line)
+    # The history would otherwise grow for ever; the reports of those days are long sent.
+    removed = history.expire(settings.reports.keep_days)
+    if removed:
+        print(f"removed {removed} evaluations older than {settings.reports.keep_days} days")
     if outcome.queued:
         print(notify_server(config))
     elif not domains:

@@ -86,6 +86,12 @@ class ReportSettings(BaseModel):
     max_records: int = Field(
         default=10000, ge=1, description="rows per report at most (the busiest sources first)"
     )
+    keep_days: int = Field(
+        default=14,
+        ge=2,
+        le=366,
+        description="days of evaluations kept; older ones are removed after each --send",
+    )
 
     @field_validator("sender")
     @classmethod

@@ -274,6 +274,23 @@ def test_rua_addresses_are_verified_and_size_limits_kept() -> None:
     assert destinations("x.down.test", lookup).temporary
 
 
+def test_the_history_keeps_only_the_days_it_is_told_to(tmp_path: Path) -> None:
+    history = History(tmp_path / "h.sqlite")
+    passed = evaluation("v=DMARC1; p=none", "a.test", spf("pass", "a.test"))
+    for days_ago in (0, 1, 5, 20, 40):
+        history.record(
+            row_of(passed, "192.0.2.1", ["x@example.test"], "accept", when=WHEN - days_ago * 86400)
+        )
+    history.mark_sent(utc_day(WHEN - 40 * 86400), "a.test", "old-report")
+    assert history.count() == 5
+    assert history.expire(14, now=WHEN) == 2
+    assert history.count() == 3
+    assert history.domains(utc_day(WHEN - 5 * 86400)) == ["a.test"]
+    assert history.domains(utc_day(WHEN - 20 * 86400)) == []
+    assert history.sent(utc_day(WHEN - 40 * 86400), "a.test") is None
+    history.close()
+
+
 def test_send_reports_honours_limits_and_marks_the_day_sent(tmp_path: Path) -> None:
     history = History(tmp_path / "h.sqlite")
     ev = evaluation("v=DMARC1; p=none", "a.test", spf("pass", "a.test"))
