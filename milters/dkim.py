@@ -38,6 +38,7 @@ from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
 from dkim.util import parse_tag_value  # type: ignore[import-untyped]
 
 from mailgate.core.dns import DnsTempError, Resolver, resolver_for
+from mailgate.milters import dkim_rsa
 from mailgate.milters.adapter import DaemonContext, PolicyMilter
 from mailgate.policies.dkim import (
     FACTS,
@@ -59,6 +60,9 @@ from mailgate.policies.dkim import (
 )
 from mailgate.policies.facts import LazyFact, MessageFacts
 from mailgate.policies.verdict import HeaderChange, Verdict
+
+# RSA by OpenSSL for every signature this process makes or checks (dkim, arc, dmarc).
+dkim_rsa.install()
 
 # Signing and verifying need the whole body; above the core's default max_message_size.
 DKIM_BODY_LIMIT = 32 * 1024 * 1024
