@@ -99,6 +99,12 @@ NULL_RCPT = Reply(553, "5.1.3", "Null recipient not allowed")
 # -- size and content --------------------------------------------------------------------
 SIZE_EXCEEDED = Reply(552, "5.3.4", "Message size exceeds fixed maximum message size")
 DATA_LINE_TOO_LONG = Reply(500, "5.5.2", "Message line too long")
+
+
+def too_many_hops(hops: int) -> Reply:
+    """A message that has been through too many MTAs: a mail loop (RFC 5321 section 6.3)."""
+    return Reply(554, "5.4.6", f"Too many hops ({hops} Received headers): mail forwarding loop")
+
 EIGHT_BIT_UNANNOUNCED = Reply(
     554, "5.6.0", "Message contains 8-bit data but BODY=8BITMIME was not given"
 )

@@ -20,6 +20,7 @@ import binascii
 import contextlib
 import ipaddress
 import logging
+import re
 import ssl
 from typing import TYPE_CHECKING, Any, cast
 
@@ -985,6 +986,8 @@ class MailgateSMTP(SMTP):
         """The end of a message, from DATA's final dot or BDAT LAST: check, accept, answer."""
         reply = self._check_body(result.size_exceeded, result.line_too_long, result.has_8bit)
         if reply is None:
+            reply = self._check_hops(result.content)
+        if reply is None:
             reply = await self._accept(result.content)
         else:
             await self._milter_abort()
@@ -1006,6 +1009,22 @@ class MailgateSMTP(SMTP):
             return replies.EIGHT_BIT_UNANNOUNCED
         return None
 
+    def _check_hops(self, content: bytes) -> Reply | None:
+        # Refusing now costs the looping sender a bounce from its own MTA; accepting would
+        # only send the message round the loop once more before the relay bounces it.
+        end = _HEADER_END.search(content)
+        hops = len(_RECEIVED.findall(content, 0, end.start() if end else len(content)))
+        if hops >= self.context.config.max_hops:
+            log.info(
+                "%s: refused from [%s]: %d Received headers (max_hops %d)",
+                self.session_id,
+                self.client_ip,
+                hops,
+                self.context.config.max_hops,
+            )
+            return replies.too_many_hops(hops)
+        return None
+
     async def _accept(self, content: bytes) -> Reply:
         """Hand the message to the handler; shielded so a vanished client cannot cut a commit."""
         self.busy = True
@@ -1019,6 +1038,10 @@ class MailgateSMTP(SMTP):
             return replies.PROCESSING_TIMEOUT
         finally:
             self.busy = False
+
+
+_HEADER_END = re.compile(rb"\r?\n\r?\n")
+_RECEIVED = re.compile(rb"^Received:", re.IGNORECASE | re.MULTILINE)
 
 
 def _peer_ip(peer: Any) -> str:
