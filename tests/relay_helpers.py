@@ -31,9 +31,11 @@ mx.v6.test.           IN AAAA ::1
 
 
 def sending_gateway(
-    tmp_path: Path, dns_address: str, relay_port: int, **settings: object
+    tmp_path: Path, dns_address: str, relay_port: int, *, users: bool = True, **settings: object
 ) -> Gateway:
-    """A gateway for example.test that relays for 127.0.0.1, with fast retries."""
+    """A gateway for example.test that relays for 127.0.0.1, with fast retries.
+
+    ``users=False``: the data directory already has them (the same gateway restarted)."""
     values: dict[str, object] = {
         "dns_nameservers": dns_address,
         "relay_port": relay_port,
@@ -46,7 +48,8 @@ def sending_gateway(
     values.update(settings)
     tmp_path.mkdir(parents=True, exist_ok=True)
     gateway = make_gateway(tmp_path, **values)
-    add_default_users(gateway)
+    if users:
+        add_default_users(gateway)
     return gateway
 
 

@@ -189,17 +189,36 @@ def test_loops_and_bounces_of_bounces(
     tmp_path: Path, dns: TestDnsServer, stop_after: list[Gateway]
 ) -> None:
     def reject(line: str, fake: FakeSmtp) -> str | None:
-        return "550 5.7.1 go away" if line.startswith("RCPT") else None
+        if line.startswith("RCPT"):
+            return "451 4.3.0 later" if mode["now"] == "defer" else "550 5.7.1 go away"
+        return None
 
-    with running(FakeSmtp(script=reject)) as fake:
-        gateway = start(tmp_path, dns, fake, max_hops=5)
+    def hops(count: int) -> str:
+        return "".join(f"Received: from hop{n}.test by hop{n + 1}.test\r\n" for n in range(count))
+
+    mode = {"now": "defer"}
+    fake = FakeSmtp(script=reject)
+    with running(fake):
+        # Accepted under max_hops 10 (5 + ours), then deferred by the next hop ...
+        first = start(tmp_path, dns, fake, max_hops=10)
+        stop_after.append(first)
+        send(first.smtp_port, ALICE, ["bob@remote.test"], message("loop", extra=hops(5)))
+        assert wait_for(lambda: fake.rcpt_count >= 1)
+        first.stop()
+        # ... and due again after a restart with max_hops 5: the relay bounces it unsent.
+        tried = fake.rcpt_count
+        mode["now"] = "reject"
+        gateway = sending_gateway(tmp_path, dns.address, fake.port, users=False, max_hops=5)
+        gateway.start()
         stop_after.append(gateway)
-        hops = "".join(f"Received: from hop{n}.test by hop{n + 1}.test\r\n" for n in range(6))
-        send(gateway.smtp_port, ALICE, ["bob@remote.test"], message("loop", extra=hops))
         (report,) = reports(gateway, ALICE, 1)
         _, rcpt = status_blocks(report)
         assert (rcpt["Action"], rcpt["Status"]) == ("failed", "5.4.6")
-        assert fake.rcpt_count == 0  # refused before any connection
+        assert fake.rcpt_count == tried  # not sent again
+
+        # At the door, max_hops Received headers are refused outright.
+        with pytest.raises(AssertionError, match=r"5\.4\.6 Too many hops"):
+            send(gateway.smtp_port, ALICE, ["bob@remote.test"], message("door", extra=hops(5)))
 
         # A bounce that bounces is dropped: no notification to the null sender.
         send(gateway.smtp_port, "", ["bob@remote.test"], message("bounce", sender="MAILER-DAEMON"))
