@@ -146,3 +146,19 @@ def test_split_command() -> None:
         split_command("   ")
     with pytest.raises(CommandSyntaxError):
         split_command("MA1L x")
+
+
+@pytest.mark.parametrize(
+    "parse",
+    [
+        lambda: split_command("A\n"),
+        lambda: split_command("NOOP\n"),
+        lambda: parse_mail_from("<a\n@example.test>"),
+        lambda: parse_rcpt_to("<bob@example.test\n>"),
+        lambda: parse_params("SIZE\n=10"),
+    ],
+)
+def test_a_line_break_is_never_part_of_a_verb_path_or_keyword(parse) -> None:
+    # "$" in a Python regex also matches before a final "\n": every check must end at \Z.
+    with pytest.raises(CommandSyntaxError):
+        parse()

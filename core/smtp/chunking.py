@@ -24,7 +24,7 @@ from mailgate.core.smtp.parser import CommandSyntaxError
 
 # chunk-size = 1*DIGIT; end-marker = "LAST" (RFC 3030 section 2, case-insensitive as all
 # ESMTP keywords). Twenty digits already exceed any size this server would accept.
-_SIZE = re.compile(r"^[0-9]{1,20}$")
+_SIZE = re.compile(r"^[0-9]{1,20}\Z")
 
 
 class BdatSyntaxError(CommandSyntaxError):

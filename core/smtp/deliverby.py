@@ -25,7 +25,7 @@ from mailgate.core.smtp import replies
 from mailgate.core.smtp.dsnparams import options_dict
 from mailgate.core.smtp.replies import Reply
 
-_BY = re.compile(r"^([+-]?)(\d{1,9});([NnRr])([Tt]?)$")
+_BY = re.compile(r"^([+-]?)(\d{1,9});([NnRr])([Tt]?)\Z")
 MAX_BY_TIME = 999_999_999
 # RFC 2852 section 5: the status of a message returned because its time ran out.
 EXPIRED_STATUS = "5.4.7"

@@ -20,7 +20,7 @@ NOTIFY_KINDS = frozenset({"SUCCESS", "FAILURE", "DELAY"})
 MAX_ENVID = 100  # RFC 3461 section 4.4
 MAX_ORCPT = 500  # RFC 3461 section 4.2 (the decoded address)
 _XTEXT_HEX = re.compile(r"\+([0-9A-F]{2})")
-_ADDR_TYPE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9-]*$")
+_ADDR_TYPE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9-]*\Z")
 
 
 def xtext_decode(text: str) -> str:

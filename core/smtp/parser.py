@@ -20,17 +20,17 @@ MAX_PATH = 256
 
 _ATEXT = r"A-Za-z0-9!#$%&'*+\-/=?^_`{|}~"
 _UTF8_NON_ASCII = "\u0080-\U0010ffff"
-_DOT_STRING = re.compile(rf"^[{_ATEXT}{_UTF8_NON_ASCII}]+(?:\.[{_ATEXT}{_UTF8_NON_ASCII}]+)*$")
+_DOT_STRING = re.compile(rf"^[{_ATEXT}{_UTF8_NON_ASCII}]+(?:\.[{_ATEXT}{_UTF8_NON_ASCII}]+)*\Z")
 _QUOTED_STRING = re.compile(
     rf'^"(?:[\x20\x21\x23-\x5b\x5d-\x7e{_UTF8_NON_ASCII}]|\\[\x20-\x7e])*"$'
 )
 _SUB_DOMAIN = re.compile(
-    rf"^[A-Za-z0-9{_UTF8_NON_ASCII}](?:[A-Za-z0-9\-{_UTF8_NON_ASCII}]*[A-Za-z0-9{_UTF8_NON_ASCII}])?$"
+    rf"^[A-Za-z0-9{_UTF8_NON_ASCII}](?:[A-Za-z0-9\-{_UTF8_NON_ASCII}]*[A-Za-z0-9{_UTF8_NON_ASCII}])?\Z"
 )
-_KEYWORD = re.compile(r"^[A-Za-z0-9][A-Za-z0-9\-]*$")
-_VALUE = re.compile(rf"^[\x21-\x3c\x3e-\x7e{_UTF8_NON_ASCII}]+$")
-_VERB = re.compile(r"^[A-Za-z]{1,16}$")
-_GENERAL_LITERAL = re.compile(r"^[A-Za-z0-9\-]*[A-Za-z0-9]:[\x21-\x5a\x5e-\x7e]+$")
+_KEYWORD = re.compile(r"^[A-Za-z0-9][A-Za-z0-9\-]*\Z")
+_VALUE = re.compile(rf"^[\x21-\x3c\x3e-\x7e{_UTF8_NON_ASCII}]+\Z")
+_VERB = re.compile(r"^[A-Za-z]{1,16}\Z")
+_GENERAL_LITERAL = re.compile(r"^[A-Za-z0-9\-]*[A-Za-z0-9]:[\x21-\x5a\x5e-\x7e]+\Z")
 
 
 class CommandSyntaxError(ValueError):

@@ -105,6 +105,7 @@ def too_many_hops(hops: int) -> Reply:
     """A message that has been through too many MTAs: a mail loop (RFC 5321 section 6.3)."""
     return Reply(554, "5.4.6", f"Too many hops ({hops} Received headers): mail forwarding loop")
 
+
 EIGHT_BIT_UNANNOUNCED = Reply(
     554, "5.6.0", "Message contains 8-bit data but BODY=8BITMIME was not given"
 )
