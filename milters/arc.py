@@ -24,7 +24,6 @@ dkim daemon does. The decision logic and header texts are in ``mailgate.policies
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import re
 import threading
@@ -34,20 +33,18 @@ from typing import Any, ClassVar
 
 import authres  # type: ignore[import-untyped]
 import dkim  # type: ignore[import-untyped]
-import Milter
 
 from mailgate.core.dns import DnsTempError, resolver_for
-from mailgate.milters.adapter import DaemonContext, PolicyMilter
 from mailgate.milters.dkim import (
     KeyFileError,
     KeyLookupError,
     LoadedKey,
-    _wire_value,
     load_key,
     make_dnsfunc,
     verify_message,
     wire_message,
 )
+from mailgate.milters.raw_headers import RawHeaderMilter
 from mailgate.policies import dkim as dkim_policy
 from mailgate.policies import spf as spf_policy
 from mailgate.policies.arc import (
@@ -246,53 +243,25 @@ class Validation:
         }
 
 
-class ArcMilter(PolicyMilter):
+class ArcMilter(RawHeaderMilter):
     """One MTA connection of the arc daemon."""
 
     body_limit: ClassVar[int] = ARC_BODY_LIMIT
 
-    def __init__(self, context: DaemonContext) -> None:
-        super().__init__(context)
-        self._leading_space = False
-
-    def negotiate(self, opts: list[int]) -> int:
-        offered = opts[1]
-        answer = super().negotiate(opts)
-        if answer == Milter.CONTINUE and offered & Milter.P_HDR_LEADSPC:
-            # Header values exactly as received, as the dkim daemon takes them.
-            self._protocol |= Milter.P_HDR_LEADSPC
-            opts[1] = self._protocol
-            self._leading_space = True
-        return answer
-
     def _reset_message(self) -> None:
         super()._reset_message()
-        self._raw_headers: list[tuple[bytes, bytes]] = []
         self.validation: Validation | None = None
         self.settings: Settings = Settings()
-
-    def header_bytes(self, name: str, value: bytes) -> int:
-        try:
-            self._raw_headers.append((name.encode("ascii", "replace"), value))
-        except Exception:
-            self._failed("header")
-        return super().header_bytes(name, value.lstrip(b" \t") if self._leading_space else value)
 
     def _current_settings(self) -> Settings:
         settings = getattr(self.context.policy.current, "settings", None)
         return settings if isinstance(settings, Settings) else Settings()
 
-    def _received_headers(self) -> list[tuple[bytes, bytes]]:
-        """The header fields exactly as received (for DKIM, whose "simple" counts spaces)."""
-        return [
-            (name, _wire_value(value, self._leading_space)) for name, value in self._raw_headers
-        ]
-
     def _wire_headers(self) -> list[tuple[bytes, bytes]]:
         # ARC canonicalizes relaxed only, so whitespace after the colon changes no hash;
         # dkimpy finds an AMS by " i=" and needs the space there.
         wired = []
-        for name, value in self._received_headers():
+        for name, value in self.received_headers():
             wired.append((name, value if value[:1] in (b" ", b"\t") else b" " + value))
         return wired
 
@@ -359,12 +328,7 @@ class ArcMilter(PolicyMilter):
                 return failure
         elif wanted is False and by_settings:
             self.logger.info("%s: not sealed: a rule said no", self.qid)
-        if self._leading_space:
-            verdict.header_changes = [
-                dataclasses.replace(change, value=" " + change.value) if change.value else change
-                for change in verdict.header_changes
-            ]
-        return verdict
+        return self.spaced(verdict)
 
     def _report(self, facts: MessageFacts) -> list[Any]:
         """The SPF and DKIM results (``seal.report``) for the AAR, checked here."""
@@ -391,7 +355,7 @@ class ArcMilter(PolicyMilter):
         if "dkim" in settings.seal.report:
             dnsfunc = make_dnsfunc(resolver_for(settings.dns), time.monotonic() + settings.timeout)
             signatures = verify_message(
-                wire_message(self._received_headers(), bytes(self._body)),
+                wire_message(self.received_headers(), bytes(self._body)),
                 dkim_policy.Settings(dns=settings.dns, min_key_bits=settings.min_key_bits),
                 dnsfunc,
                 body_complete=self._body_received <= len(self._body),

@@ -32,14 +32,13 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import dkim  # type: ignore[import-untyped]
-import Milter
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
 from dkim.util import parse_tag_value  # type: ignore[import-untyped]
 
 from mailgate.core.dns import DnsTempError, Resolver, resolver_for
 from mailgate.milters import dkim_rsa
-from mailgate.milters.adapter import DaemonContext, PolicyMilter
+from mailgate.milters.raw_headers import RawHeaderMilter
 from mailgate.policies.dkim import (
     FACTS,
     KeySettings,
@@ -360,11 +359,6 @@ def wire_message(headers: Sequence[tuple[bytes, bytes]], body: bytes) -> bytes:
     return head + b"\r\n" + body
 
 
-def _wire_value(value: bytes, leading_space: bool) -> bytes:
-    value = value.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
-    return value if leading_space else b" " + value
-
-
 # -- the daemon -----------------------------------------------------------------------------
 
 
@@ -409,48 +403,22 @@ class Verification:
         }
 
 
-class DkimMilter(PolicyMilter):
+class DkimMilter(RawHeaderMilter):
     """One MTA connection of the dkim daemon."""
 
     body_limit: ClassVar[int] = DKIM_BODY_LIMIT
 
-    def __init__(self, context: DaemonContext) -> None:
-        super().__init__(context)
-        self._leading_space = False
-
-    def negotiate(self, opts: list[int]) -> int:
-        offered = opts[1]
-        answer = super().negotiate(opts)
-        if answer == Milter.CONTINUE and offered & Milter.P_HDR_LEADSPC:
-            # Header values exactly as received (the space after the colon, or its absence):
-            # what a "simple" header canonicalization signs.
-            self._protocol |= Milter.P_HDR_LEADSPC
-            opts[1] = self._protocol
-            self._leading_space = True
-        return answer
-
     def _reset_message(self) -> None:
         super()._reset_message()
-        self._raw_headers: list[tuple[bytes, bytes]] = []
         self.verification: Verification | None = None
         self.settings: Settings = Settings()
-
-    def header_bytes(self, name: str, value: bytes) -> int:
-        try:
-            self._raw_headers.append((name.encode("ascii", "replace"), value))
-        except Exception:
-            self._failed("header")
-        # The facts get the value without its leading space, whatever was negotiated.
-        return super().header_bytes(name, value.lstrip(b" \t") if self._leading_space else value)
 
     def _current_settings(self) -> Settings:
         settings = getattr(self.context.policy.current, "settings", None)
         return settings if isinstance(settings, Settings) else Settings()
 
     def _wire_headers(self) -> list[tuple[bytes, bytes]]:
-        return [
-            (name, _wire_value(value, self._leading_space)) for name, value in self._raw_headers
-        ]
+        return self.received_headers()
 
     def _logged(self, item: SignatureResult) -> None:
         self.logger.info(
@@ -514,12 +482,7 @@ class DkimMilter(PolicyMilter):
             failure = self._sign(facts, verdict)
             if failure is not None:
                 return failure
-        if self._leading_space:
-            verdict.header_changes = [
-                dataclasses.replace(change, value=" " + change.value) if change.value else change
-                for change in verdict.header_changes
-            ]
-        return verdict
+        return self.spaced(verdict)
 
     def _sign(self, facts: MessageFacts, verdict: Verdict) -> Verdict | None:
         """Add this message's signatures to ``verdict``; a tempfail verdict if it cannot."""

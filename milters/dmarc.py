@@ -21,18 +21,15 @@ aggregate reports of ``mailgate dmarc report``.
 
 from __future__ import annotations
 
-import dataclasses
 import threading
 import time
 from collections.abc import Callable
 from typing import Any, ClassVar
 
-import Milter
-
 from mailgate.core.dns import DnsTempError, resolver_for
-from mailgate.milters.adapter import DaemonContext, PolicyMilter
 from mailgate.milters.dkim import make_dnsfunc, verify_message, wire_message
 from mailgate.milters.dmarc_reports import History, history_for, row_of
+from mailgate.milters.raw_headers import RawHeaderMilter
 from mailgate.policies import dkim as dkim_policy
 from mailgate.policies.dmarc import (
     FACTS,
@@ -192,50 +189,22 @@ def _exists(domain: str, lookup: Callable[[str, str, float], Any]) -> bool:
     return False
 
 
-def _wire_value(value: bytes, leading_space: bool) -> bytes:
-    value = value.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
-    return value if leading_space else b" " + value
-
-
-class DmarcMilter(PolicyMilter):
+class DmarcMilter(RawHeaderMilter):
     """One MTA connection of the dmarc daemon."""
 
     body_limit: ClassVar[int] = DMARC_BODY_LIMIT
 
-    def __init__(self, context: DaemonContext) -> None:
-        super().__init__(context)
-        self._leading_space = False
-
-    def negotiate(self, opts: list[int]) -> int:
-        offered = opts[1]
-        answer = super().negotiate(opts)
-        if answer == Milter.CONTINUE and offered & Milter.P_HDR_LEADSPC:
-            # Header values exactly as received, for DKIM's "simple" canonicalization.
-            self._protocol |= Milter.P_HDR_LEADSPC
-            opts[1] = self._protocol
-            self._leading_space = True
-        return answer
-
     def _reset_message(self) -> None:
         super()._reset_message()
-        self._raw_headers: list[tuple[bytes, bytes]] = []
         self.check: MessageCheck | None = None
         self.settings: Settings = Settings()
-
-    def header_bytes(self, name: str, value: bytes) -> int:
-        try:
-            self._raw_headers.append((name.encode("ascii", "replace"), value))
-        except Exception:
-            self._failed("header")
-        return super().header_bytes(name, value.lstrip(b" \t") if self._leading_space else value)
 
     def _current_settings(self) -> Settings:
         settings = getattr(self.context.policy.current, "settings", None)
         return settings if isinstance(settings, Settings) else Settings()
 
     def _message(self) -> bytes:
-        headers = [(n, _wire_value(v, self._leading_space)) for n, v in self._raw_headers]
-        return wire_message(headers, bytes(self._body))
+        return wire_message(self.received_headers(), bytes(self._body))
 
     def _log(self, text: str) -> None:
         self.logger.info("%s: %s", self.qid, text)
@@ -286,14 +255,7 @@ class DmarcMilter(PolicyMilter):
             )
         verdict.header_changes[:0] = removals
         verdict.header_changes.extend(additions)
-        if self._leading_space:
-            # With SMFIP_HDR_LEADSPC the MTA takes values as given: the space after the
-            # colon is ours to send (dkim and arc do the same).
-            verdict.header_changes = [
-                dataclasses.replace(change, value=" " + change.value) if change.value else change
-                for change in verdict.header_changes
-            ]
-        return verdict
+        return self.spaced(verdict)
 
     def _record(self, check: MessageCheck, verdict: Verdict, facts: MessageFacts) -> None:
         evaluation = check.evaluation
