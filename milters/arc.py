@@ -64,7 +64,8 @@ from mailgate.policies.arc import (
     temperror,
 )
 from mailgate.policies.arc import facts as chain_facts
-from mailgate.policies.dkim import apply_changes, authserv_id_of, clean, forged_removals
+from mailgate.policies.authresults import authserv_id_of, forged_removals
+from mailgate.policies.dkim import apply_changes, clean
 from mailgate.policies.facts import LazyFact, MessageFacts
 from mailgate.policies.verdict import HeaderChange, Verdict
 

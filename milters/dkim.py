@@ -39,6 +39,7 @@ from dkim.util import parse_tag_value  # type: ignore[import-untyped]
 from mailgate.core.dns import DnsTempError, Resolver, resolver_for
 from mailgate.milters import dkim_rsa
 from mailgate.milters.raw_headers import RawHeaderMilter
+from mailgate.policies.authresults import forged_removals
 from mailgate.policies.dkim import (
     FACTS,
     KeySettings,
@@ -48,7 +49,6 @@ from mailgate.policies.dkim import (
     apply_changes,
     authentication_results,
     clean,
-    forged_removals,
     selected,
     sign_control,
     signed_fields,

@@ -98,7 +98,6 @@ _NEVER_SIGNED = frozenset(
 _LABEL = re.compile(r"^[a-z0-9_](?:[a-z0-9_-]{0,61}[a-z0-9_])?$", re.IGNORECASE)
 _FIELD_NAME = re.compile(r"^[!-9;-~]+$")
 _AUTHSERV_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
-_COMMENT = re.compile(r"\((?:[^()\\]|\\.)*\)")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]+")
 
 
@@ -492,42 +491,3 @@ def authentication_results(results: Sequence[SignatureResult], authserv_id: str)
     text = str(header)
     prefix = "Authentication-Results: "
     return text[len(prefix) :] if text.startswith(prefix) else text
-
-
-def authserv_id_of(value: str) -> str:
-    """The authserv-id an Authentication-Results value names ("" if it names none)."""
-    text = value
-    for _ in range(4):  # comments may nest a little; a forged field is no reason to loop
-        stripped = _COMMENT.sub(" ", text)
-        if stripped == text:
-            break
-        text = stripped
-    head = text.split(";", 1)[0].strip()
-    if not head:
-        return ""
-    first = head.split()[0]
-    if first.startswith('"') and first.endswith('"') and len(first) > 1:
-        first = first[1:-1]
-    return first
-
-
-def forged_removals(headers: Iterable[tuple[str, str]], authserv_id: str) -> list[HeaderChange]:
-    """Deletions of the Authentication-Results fields that claim ``authserv_id``.
-
-    RFC 8601 section 5: a receiver removes such fields it did not add itself. The index
-    counts only fields of that name (1-based); the highest comes first, so each deletion
-    leaves the indexes of those still to be deleted unchanged.
-    """
-    wanted = authserv_id.lower()
-    indexes: list[int] = []
-    index = 0
-    for name, value in headers:
-        if name.lower() != "authentication-results":
-            continue
-        index += 1
-        if authserv_id_of(value).lower() == wanted:
-            indexes.append(index)
-    return [
-        HeaderChange(op="change", name="Authentication-Results", value="", index=i)
-        for i in sorted(indexes, reverse=True)
-    ]

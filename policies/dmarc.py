@@ -39,9 +39,10 @@ from typing import Literal
 import authres  # type: ignore[import-untyped]
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from mailgate.policies.authresults import forged_removals
 from mailgate.policies.psl import normal, organizational_domain
 from mailgate.policies.settings import DnsSettings
-from mailgate.policies.spf import DnsFailure, Lookup, SpfResult, forged_removals, valid_domain
+from mailgate.policies.spf import DnsFailure, Lookup, SpfResult, valid_domain
 from mailgate.policies.verdict import HeaderChange
 
 Result = Literal["pass", "fail", "none", "temperror", "permerror"]

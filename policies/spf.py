@@ -33,6 +33,7 @@ import authres  # type: ignore[import-untyped]
 import spf  # type: ignore[import-untyped]
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from mailgate.policies.authresults import forged_removals
 from mailgate.policies.facts import LazyFact
 from mailgate.policies.settings import DnsSettings
 from mailgate.policies.verdict import HeaderChange
@@ -67,7 +68,6 @@ _LABEL = re.compile(r"^[a-z0-9_](?:[a-z0-9_-]{0,61}[a-z0-9_])?$", re.IGNORECASE)
 _AUTHSERV_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 # RFC 5322 dot-atom: the values of Received-SPF that need no quotes.
 _DOT_ATOM = re.compile(r"^[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+(?:\.[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+)*$")
-_COMMENT = re.compile(r"\((?:[^()\\]|\\.)*\)")
 
 
 class Settings(BaseModel):
@@ -465,46 +465,6 @@ def authentication_results(result: SpfResult, authserv_id: str) -> str:
     text = str(header)
     prefix = "Authentication-Results: "
     return text[len(prefix) :] if text.startswith(prefix) else text
-
-
-def authserv_id_of(value: str) -> str:
-    """The authserv-id an Authentication-Results value names ("" if it names none)."""
-    text = value
-    for _ in range(4):  # comments may nest a little; a forged header is no reason to loop
-        stripped = _COMMENT.sub(" ", text)
-        if stripped == text:
-            break
-        text = stripped
-    head = text.split(";", 1)[0].strip()
-    if not head:
-        return ""
-    first = head.split()[0]
-    if first.startswith('"') and first.endswith('"') and len(first) > 1:
-        first = first[1:-1]
-    return first
-
-
-def forged_removals(headers: Iterable[tuple[str, str]], authserv_id: str) -> list[HeaderChange]:
-    """Deletions of the Authentication-Results fields that claim ``authserv_id``.
-
-    RFC 8601 section 5: a receiver MUST remove such fields it did not add itself, or
-    recipients would trust a forger's results. The index counts only fields of that
-    name (1-based); the highest index comes first, so each deletion leaves the indexes
-    of those still to be deleted unchanged whatever the MTA does with deleted fields.
-    """
-    wanted = authserv_id.lower()
-    indexes: list[int] = []
-    index = 0
-    for name, value in headers:
-        if name.lower() != "authentication-results":
-            continue
-        index += 1
-        if authserv_id_of(value).lower() == wanted:
-            indexes.append(index)
-    return [
-        HeaderChange(op="change", name="Authentication-Results", value="", index=i)
-        for i in sorted(indexes, reverse=True)
-    ]
 
 
 def header_changes(

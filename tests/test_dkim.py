@@ -33,13 +33,13 @@ from mailgate.milters.dkim import (
     verify_message,
 )
 from mailgate.milters.dkim_cli import dns_record, txt_strings
+from mailgate.policies.authresults import forged_removals
 from mailgate.policies.dkim import (
     Settings,
     SignatureResult,
     apply_changes,
     authentication_results,
     facts,
-    forged_removals,
     selected,
     sign_control,
     signed_fields,

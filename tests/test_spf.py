@@ -19,13 +19,12 @@ import pytest
 from dnsserver import dns_server
 from pydantic import ValidationError
 
+from mailgate.policies.authresults import authserv_id_of, forged_removals
 from mailgate.policies.spf import (
     DnsFailure,
     Settings,
     authentication_results,
-    authserv_id_of,
     check_host,
-    forged_removals,
     header_changes,
     quote,
     received_spf,
