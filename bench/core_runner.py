@@ -36,12 +36,21 @@ class DiscardSpool:
         self.messages = 0
         self.octets = 0
 
-    async def store(self, envelope: SpoolEnvelope, content: bytes) -> None:
+    async def store(
+        self, envelope: SpoolEnvelope, content: bytes | bytearray, *, prefix: bytes = b""
+    ) -> None:
         self.messages += 1
-        self.octets += len(content)
+        self.octets += len(prefix) + len(content)
 
-    async def hold(self, envelope: SpoolEnvelope, content: bytes, reason: str) -> None:
-        await self.store(envelope, content)
+    async def hold(
+        self,
+        envelope: SpoolEnvelope,
+        content: bytes | bytearray,
+        reason: str,
+        *,
+        prefix: bytes = b"",
+    ) -> None:
+        await self.store(envelope, content, prefix=prefix)
 
 
 class NoDelivery:

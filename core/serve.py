@@ -48,6 +48,7 @@ async def run_gateway(config: Config, *, ready: asyncio.Event | None = None) -> 
     tls_context = server_context(cert, key)
     users = SQLiteUserStore(config.user_db)
     spool = Spool(config.spool_dir)
+    spool.start_threads()
     maildir = MaildirStore(config.mail_dir, config.hostname)
     local_domains = set(config.local_domains)
     relay: RelayAgent | None = None

@@ -5,7 +5,7 @@ from __future__ import annotations
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mailgate.core.smtp.framing import DataReader, LineBuffer, TooLong
+from mailgate.core.smtp.framing import DataReader, LineBuffer, TooLong, has_long_line
 
 lines = st.lists(
     st.binary(max_size=80).map(lambda b: b.replace(b"\r", b"").replace(b"\n", b"")), max_size=30
@@ -87,3 +87,13 @@ def test_line_buffer() -> None:
     too_long = buffer.next_line()
     assert isinstance(too_long, TooLong) and too_long.length == 35
     assert buffer.next_line() == b"NOOP"
+
+
+@given(
+    data=st.binary(max_size=300).map(lambda raw: raw.replace(b"\x00", b"\n")),
+    limit=st.integers(min_value=1, max_value=40),
+)
+def test_long_line_check_matches_splitting(data: bytes, limit: int) -> None:
+    expected = max(map(len, data.split(b"\n"))) >= limit
+    assert has_long_line(data, limit) is expected
+    assert has_long_line(bytearray(data), limit) is expected

@@ -125,6 +125,24 @@ def test_full_disk_is_a_temporary_failure_and_leaves_no_file(
     assert len(os.listdir(mailbox / "new")) == 1
 
 
+@pytest.mark.parametrize("shift", [240, 241, 242])
+def test_big_message_is_converted_slice_by_slice_without_splitting_crlf(
+    store: MaildirStore, shift: int
+) -> None:
+    # The first 256 KiB slice ends just after a LF, between CR and LF, or just before a
+    # CR (shift 240, 241, 242); a bare CR and a bare LF come through unchanged.
+    line = b"x" * 1021 + b"\r\n"
+    body = b"a" * shift + line * 700 + b"bare\rcr and bare\nlf\r\n" + line * 300
+    message = b"Subject: big\r\n\r\n" + body
+    path = store.deliver("bob@example.org", message, return_path="alice@example.org")
+    written = path.read_bytes()
+    prefix = b"Return-Path: <alice@example.org>\nDelivered-To: bob@example.org\n"
+    assert written == prefix + message.replace(b"\r\n", b"\n")
+    match = NAME_RE.match(path.name)
+    assert match, path.name
+    assert int(match.group(5)) == len(written)
+
+
 def test_file_and_new_directory_are_fsynced(
     store: MaildirStore, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -184,7 +184,7 @@ class DeliveryHandler:
             lines.append(f"\t{stamp}")
         return ("\r\n".join(lines) + "\r\n").encode("utf-8")
 
-    async def accept_message(self, session: MailgateSMTP, content: bytes) -> Reply:
+    async def accept_message(self, session: MailgateSMTP, content: bytes | bytearray) -> Reply:
         queue_id = session.queue_id or new_queue_id()
         envelope = session.env
         spool_envelope = SpoolEnvelope(
@@ -202,19 +202,20 @@ class DeliveryHandler:
         )
         hold_reason: str | None = None
         if session.milters is not None and session.milter_info is not None:
-            outcome = await self._filter(session, spool_envelope, content)
+            # The chain parses and may rewrite the message: it gets immutable bytes.
+            outcome = await self._filter(session, spool_envelope, bytes(content))
             if isinstance(outcome, Reply):
                 return outcome
             content, hold_reason = outcome
             if not spool_envelope.rcpt_tos:
                 log.info("%s: all recipients removed by milters: discarded", queue_id)
                 return replies.queued(queue_id)
-        message = self.received_header(session, queue_id) + content
+        received = self.received_header(session, queue_id)
         try:
             if hold_reason is not None:
-                await self.context.spool.hold(spool_envelope, message, hold_reason)
+                await self.context.spool.hold(spool_envelope, content, hold_reason, prefix=received)
             else:
-                await self.context.spool.store(spool_envelope, message)
+                await self.context.spool.store(spool_envelope, content, prefix=received)
         except (SpoolError, OSError) as exc:
             log.error("%s: %s: cannot queue message: %s", session.session_id, queue_id, exc)
             return replies.SPOOL_FAILED
@@ -226,7 +227,7 @@ class DeliveryHandler:
             "%s: from=<%s>, size=%d, nrcpt=%d (%s)",
             queue_id,
             spool_envelope.mail_from,
-            len(message),
+            len(received) + len(content),
             len(spool_envelope.rcpt_tos),
             f"held: {hold_reason}" if hold_reason is not None else "queue active",
         )

@@ -50,8 +50,17 @@ class UserDirectory(Protocol):
 
 
 class MessageSpool(Protocol):
-    async def store(self, envelope: SpoolEnvelope, content: bytes) -> None: ...
-    async def hold(self, envelope: SpoolEnvelope, content: bytes, reason: str) -> None: ...
+    async def store(
+        self, envelope: SpoolEnvelope, content: bytes | bytearray, *, prefix: bytes = b""
+    ) -> None: ...
+    async def hold(
+        self,
+        envelope: SpoolEnvelope,
+        content: bytes | bytearray,
+        reason: str,
+        *,
+        prefix: bytes = b"",
+    ) -> None: ...
 
 
 class DeliveryQueue(Protocol):

@@ -1009,7 +1009,7 @@ class MailgateSMTP(SMTP):
             return replies.EIGHT_BIT_UNANNOUNCED
         return None
 
-    def _check_hops(self, content: bytes) -> Reply | None:
+    def _check_hops(self, content: bytes | bytearray) -> Reply | None:
         # Refusing now costs the looping sender a bounce from its own MTA; accepting would
         # only send the message round the loop once more before the relay bounces it.
         end = _HEADER_END.search(content)
@@ -1025,7 +1025,7 @@ class MailgateSMTP(SMTP):
             return replies.too_many_hops(hops)
         return None
 
-    async def _accept(self, content: bytes) -> Reply:
+    async def _accept(self, content: bytes | bytearray) -> Reply:
         """Hand the message to the handler; shielded so a vanished client cannot cut a commit."""
         self.busy = True
         task = asyncio.ensure_future(self.handler.accept_message(self, content))

@@ -35,7 +35,7 @@ from typing import Protocol, TypeVar, TypeVarTuple, Unpack
 
 from mailgate.core.errors import DeliveryError, SpoolError
 from mailgate.core.spool.envelope import RecipientState, SpoolEnvelope
-from mailgate.core.spool.spool import CorruptSpoolFile, NoSuchMessage, Spool
+from mailgate.core.spool.spool import CorruptSpoolFile, NoSuchMessage, Spool, prestart_threads
 
 log = logging.getLogger("mailgate.delivery")
 
@@ -151,6 +151,7 @@ class DeliveryAgent:
         self._executor = ThreadPoolExecutor(
             max_workers=self._concurrency, thread_name_prefix="mailgate-delivery"
         )
+        prestart_threads(self._executor, self._concurrency)
         self._workers = [
             asyncio.create_task(self._worker(), name=f"mailgate-delivery-{n}")
             for n in range(self._concurrency)

@@ -175,16 +175,19 @@ class MaildirStore:
             + _header_value(address).encode("utf-8", "surrogateescape")
             + eol
         )
-        # One pass for the line ends (none at all for BINARYMIME); headers and body go to
-        # the kernel in one writev, without joining them into another copy first.
-        body = content if binary else content.replace(b"\r\n", b"\n")
-        size = len(headers) + len(body)
+        # Small bodies are converted in one piece; big ones are written slice by slice.
+        small = binary or len(content) <= _SLICE
+        body = content if binary else content.replace(b"\r\n", b"\n") if small else b""
+        size = len(headers) + (len(body) if small else _lf_size(content))
         tmp_path: Path | None = None
         try:
             tmp_path, fd = self._create_tmp(mailbox, size)
             final = mailbox / "new" / tmp_path.name
             try:
-                _write_all(fd, (headers, body))
+                if small:
+                    _write_all(fd, (headers, body))
+                else:
+                    _write_lf(fd, headers, content)
                 os.fsync(fd)
             finally:
                 os.close(fd)
@@ -257,6 +260,40 @@ def _fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+# Line-end conversion works on slices of this size, and for a big message one thread at
+# a time: each slice's replace holds the GIL only briefly, and the write after it lets
+# the event loop thread run. Ten big messages converted at once would otherwise keep the
+# SMTP sessions waiting for the GIL for a good part of a second.
+_SLICE = 256 * 1024
+_BIG_CONVERSION = threading.Lock()
+
+
+def _slices(content: bytes) -> list[tuple[int, int]]:
+    """Bounds of slices of about _SLICE octets, none splitting a CRLF."""
+    bounds = []
+    start = 0
+    while start < len(content):
+        end = min(start + _SLICE, len(content))
+        if end < len(content) and content[end - 1] == 0x0D:
+            end += 1
+        bounds.append((start, end))
+        start = end
+    return bounds
+
+
+def _lf_size(content: bytes) -> int:
+    """The size of ``content`` once every CRLF is a LF (counted slice by slice)."""
+    return len(content) - sum(content.count(b"\r\n", a, b) for a, b in _slices(content))
+
+
+def _write_lf(fd: int, headers: bytes, content: bytes) -> None:
+    """Write ``headers``, then ``content`` with CRLF turned into LF, slice by slice."""
+    _write_all(fd, (headers,))
+    with _BIG_CONVERSION:
+        for start, end in _slices(content):
+            _write_all(fd, (content[start:end].replace(b"\r\n", b"\n"),))
 
 
 def _write_all(fd: int, parts: tuple[bytes, ...]) -> None:

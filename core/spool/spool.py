@@ -112,7 +112,7 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _write_all(fd: int, parts: Sequence[bytes | memoryview]) -> None:
+def _write_all(fd: int, parts: Sequence[bytes | bytearray | memoryview]) -> None:
     views = [memoryview(part).cast("B") for part in parts if len(part)]
     while views:
         written = os.writev(fd, views)
@@ -122,6 +122,22 @@ def _write_all(fd: int, parts: Sequence[bytes | memoryview]) -> None:
             else:
                 views[0] = views[0][written:]
                 written = 0
+
+
+def prestart_threads(executor: ThreadPoolExecutor, count: int) -> None:
+    """Make ``executor`` start ``count`` threads now rather than on demand.
+
+    A pool starts a thread when work arrives and none is idle, and the submitting thread
+    (the event loop's) then waits for the new one to get the GIL: in a burst of big
+    messages, while other threads hold the GIL, that wait took over 100 ms.
+    """
+    gate = threading.Event()
+    # Each task blocks until all are submitted, so no thread is idle when the next one
+    # comes and every submit starts a thread.
+    tasks = [executor.submit(gate.wait) for _ in range(count)]
+    gate.set()
+    for task in tasks:
+        task.result()
 
 
 def _copy_range(src: int, dst: int, offset: int, count: int, path: Path) -> None:
@@ -335,11 +351,18 @@ class Spool:
         with self._executor_lock:
             executor = self._executors.get(kind)
             if executor is None:
-                threads = len(self._syncs) if kind == "dirsync" else self._io_threads
                 executor = self._executors[kind] = ThreadPoolExecutor(
-                    max_workers=threads, thread_name_prefix=f"mailgate-spool-{kind}"
+                    max_workers=self._threads(kind), thread_name_prefix=f"mailgate-spool-{kind}"
                 )
             return executor
+
+    def _threads(self, kind: str) -> int:
+        return len(self._syncs) if kind == "dirsync" else self._io_threads
+
+    def start_threads(self, count: int = 16) -> None:
+        """Start up to ``count`` I/O threads per pool ahead of need (the server does)."""
+        for kind in ("accept", "work", "dirsync"):
+            prestart_threads(self._pool(kind), min(count, self._threads(kind)))
 
     async def _run(self, fn: Callable[[Unpack[Ts]], T], *args: *Ts) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._pool(), fn, *args)
@@ -359,14 +382,33 @@ class Spool:
 
     # -- writing ---------------------------------------------------------------------
 
-    async def store(self, envelope: SpoolEnvelope, content: bytes | memoryview) -> None:
-        """Accept a message: when this returns it is on disk and survives any crash."""
+    async def store(
+        self,
+        envelope: SpoolEnvelope,
+        content: bytes | bytearray | memoryview,
+        *,
+        prefix: bytes = b"",
+    ) -> None:
+        """Accept a message: when this returns it is on disk and survives any crash.
+
+        ``prefix`` (a trace header) is stored in front of ``content`` without joining the
+        two in memory first: for a big message that copy would hold up the event loop.
+        """
         queue_id = _checked_id(envelope.queue_id)
-        header = _encode_header(envelope, memoryview(content).nbytes)
-        await self._run_accept(self._write_new, queue_id, header, content, self.incoming_dir)
+        header = _encode_header(envelope, len(prefix) + memoryview(content).nbytes)
+        await self._run_accept(
+            self._write_new, queue_id, [header, prefix, content], self.incoming_dir
+        )
         await self._syncs[self.incoming_dir].sync()
 
-    async def hold(self, envelope: SpoolEnvelope, content: bytes | memoryview, reason: str) -> None:
+    async def hold(
+        self,
+        envelope: SpoolEnvelope,
+        content: bytes | bytearray | memoryview,
+        reason: str,
+        *,
+        prefix: bytes = b"",
+    ) -> None:
         """Accept a message into hold/ (quarantine), with the same guarantee as ``store``.
 
         Sets ``envelope.quarantine_reason`` and ``envelope.held_at`` (now) before writing,
@@ -377,12 +419,12 @@ class Spool:
         envelope.quarantine_reason = reason
         envelope.held_at = time.time()
         envelope.released_at = None
-        header = _encode_header(envelope, memoryview(content).nbytes)
-        await self._run_accept(self._write_new, queue_id, header, content, self.hold_dir)
+        header = _encode_header(envelope, len(prefix) + memoryview(content).nbytes)
+        await self._run_accept(self._write_new, queue_id, [header, prefix, content], self.hold_dir)
         await self._syncs[self.hold_dir].sync()
 
     def _write_new(
-        self, queue_id: str, header: bytes, content: bytes | memoryview, directory: Path
+        self, queue_id: str, parts: Sequence[bytes | bytearray | memoryview], directory: Path
     ) -> None:
         tmp = self._tmp_path(queue_id)
         final = directory / queue_id
@@ -392,7 +434,7 @@ class Spool:
             raise _os_error("create", tmp, exc) from exc
         try:
             try:
-                _write_all(fd, [header, content])
+                _write_all(fd, parts)
                 os.fsync(fd)
             finally:
                 os.close(fd)
