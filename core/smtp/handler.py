@@ -12,6 +12,7 @@ import email.utils
 import ipaddress
 import logging
 import re
+import time
 from typing import TYPE_CHECKING
 
 from mailgate.core.errors import SpoolError, UserStoreError
@@ -30,6 +31,18 @@ log = logging.getLogger("mailgate.smtp")
 
 _MESSAGE_ID = re.compile(rb"^Message-ID:[ \t]*(.*?)\r?$", re.IGNORECASE | re.MULTILINE)
 _HELO_UNSAFE = re.compile(r"[^\x21-\x7e]")
+
+
+_stamp: tuple[int, str] = (-1, "")
+
+
+def _date_stamp() -> str:
+    """The RFC 5322 date for trace headers, formatted once per second (not per message)."""
+    global _stamp
+    now = int(time.time())
+    if _stamp[0] != now:
+        _stamp = (now, email.utils.format_datetime(email.utils.localtime()))
+    return _stamp[1]
 
 
 class DeliveryHandler:
@@ -176,7 +189,7 @@ class DeliveryHandler:
             lines.append(f"\t(using {version} with cipher {cipher} ({bits} bits))")
         lines.append(f"\tby {config.hostname} (mailgate) with {protocol} id {queue_id}")
         recipients = session.env.rcpt_tos
-        stamp = email.utils.format_datetime(email.utils.localtime())
+        stamp = _date_stamp()
         if len(recipients) == 1:
             lines.append(f"\tfor <{recipients[0]}>; {stamp}")
         else:

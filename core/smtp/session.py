@@ -240,7 +240,10 @@ class MailgateSMTP(SMTP):
     async def _fill(self, timeout: float) -> bytes:
         await self._flush()
         try:
-            data: bytes = await asyncio.wait_for(self._reader.read(READ_CHUNK), timeout)
+            # asyncio.timeout rather than wait_for: wait_for wraps every read in a new
+            # task, a cost paid per command and per 64 KiB of message.
+            async with asyncio.timeout(timeout):
+                data: bytes = await self._reader.read(READ_CHUNK)
         except TimeoutError:
             log.info("%s: timeout from [%s]", self.session_id, self.client_ip)
             await self._close_with(replies.TIMEOUT)

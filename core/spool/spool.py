@@ -613,18 +613,23 @@ class Spool:
                 _unlink_quietly(tmp)
                 raise
 
-    async def remove(self, queue_id: str) -> None:
+    async def remove(self, queue_id: str, *, durable: bool = True) -> None:
         """Delete a message for good, from whichever queues hold it (hold/ included).
 
         Used after delivery and by the operator; removing every copy also clears what an
-        interrupted release left in hold/.
+        interrupted release left in hold/. Without ``durable`` the directory is not
+        fsync'd here: delivery removes a finished message that way, as Postfix does, and
+        the removal becomes durable with the directory's next fsync (the next message
+        accepted, usually within milliseconds) or the file system's own commit. A crash
+        before then delivers the message once more; it never loses one.
         """
         queue_id = _checked_id(queue_id)
         removed = await self._run(self._unlink_everywhere, queue_id)
         if not removed:
             raise NoSuchMessage(f"{queue_id}: no such message in the spool")
-        for directory in removed:
-            await self._syncs[directory].sync()
+        if durable:
+            for directory in removed:
+                await self._syncs[directory].sync()
 
     def _unlink_everywhere(self, queue_id: str) -> list[Path]:
         removed = []
