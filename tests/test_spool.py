@@ -143,6 +143,24 @@ async def test_store_load_round_trip_keeps_every_byte(spool: Spool) -> None:
     assert stat.S_IMODE(spool.incoming_dir.stat().st_mode) == 0o700
 
 
+@pytest.mark.parametrize(
+    ("recipients", "size"),
+    [(2, 10), (2, 256 * 1024), (2, 3 * 1024 * 1024), (12000, 10), (12000, 1024 * 1024)],
+)
+async def test_load_reads_envelopes_and_messages_of_any_size(
+    spool: Spool, recipients: int, size: int
+) -> None:
+    # 12,000 recipients make an envelope larger than load()'s first read; the message sizes
+    # end inside it, at its edge and beyond it. The Received prefix is stored in front.
+    rcpts = [f"user{n}@example.org" for n in range(recipients)]
+    envelope = make_envelope(rcpt_tos=rcpts, rcpt_options=[[] for _ in rcpts])
+    body = bytes(range(256)) * (size // 256) + b"x" * (size % 256)
+    await spool.store(envelope, bytearray(body), prefix=b"Received: by test\r\n")
+    loaded, content = spool.load(envelope.queue_id)
+    assert loaded == envelope
+    assert content == b"Received: by test\r\n" + body
+
+
 async def test_store_accepts_memoryview_and_binary_content(spool: Spool) -> None:
     body = bytearray(os.urandom(300_000)) + b"\r\n.\r\n" + ALL_BYTES
     envelope = make_envelope(body_type="BINARYMIME")

@@ -51,12 +51,8 @@ T = TypeVar("T")
 Ts = TypeVarTuple("Ts")
 
 
-class _LookupFailed(Exception):
-    """The user store failed while deciding whether a target is local (cause attached)."""
-
-
 class Resolver(Protocol):
-    """What delivery needs from the user store. Both calls may block; they run in threads."""
+    """What delivery needs from the user store: indexed reads, made on the event loop."""
 
     def resolve(self, recipient: str) -> list[str] | None:
         """Final addresses after alias expansion; None if no user or alias answers."""
@@ -489,13 +485,22 @@ class DeliveryAgent:
         if target in envelope.bounced:
             return "bounced"
         try:
-            # The lookup and the Maildir write in one trip to a thread.
-            local = await self._blocking(
-                self._deliver_if_local, target, content, envelope.mail_from, binary
-            )
-        except _LookupFailed as exc:
-            self._defer(queue_id, envelope, rcpt, target, f"user lookup failed: {exc.__cause__}")
+            # The lookup on the event loop (an indexed read), the Maildir write in a thread.
+            local = self._resolver.user_exists(target)
+        except Exception as exc:
+            self._defer(queue_id, envelope, rcpt, target, f"user lookup failed: {exc}")
             return None
+        try:
+            if local:
+                await self._blocking(
+                    functools.partial(
+                        self._maildir.deliver,
+                        target,
+                        content,
+                        return_path=envelope.mail_from,
+                        binary=binary,
+                    )
+                )
         except DeliveryError as exc:
             if exc.permanent:
                 return self._bounce(queue_id, envelope, rcpt, target, str(exc))
@@ -525,19 +530,6 @@ class DeliveryAgent:
             # Recorded before the next copy is written, so a crash cannot repeat this one.
             await self._spool.update_envelope(queue_id, envelope)
         return "sent"
-
-    def _deliver_if_local(
-        self, target: str, content: bytes, return_path: str, binary: bool
-    ) -> bool:
-        """In a thread: False if ``target`` is no local user, else deliver a copy; True."""
-        try:
-            local = self._resolver.user_exists(target)
-        except Exception as exc:
-            raise _LookupFailed(str(exc)) from exc
-        if not local:
-            return False
-        self._maildir.deliver(target, content, return_path=return_path, binary=binary)
-        return True
 
     def _local_domain(self, domain: str) -> bool:
         if self._is_local_domain is None:

@@ -37,6 +37,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import io
 import itertools
 import logging
 import os
@@ -69,6 +70,8 @@ MAGIC = b"MGSPOOL1"
 _MAX_HEADER_LINE = 64
 _MAX_ENVELOPE = 16 * 1024 * 1024
 _COPY_CHUNK = 1024 * 1024
+# What load() reads first: header, envelope and the whole of most messages.
+_HEAD_READ = 256 * 1024
 _DIR_MODE = 0o700
 _FILE_MODE = 0o600
 _WRITE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
@@ -167,8 +170,13 @@ def _encode_header(envelope: SpoolEnvelope, size: int) -> bytes:
     return b"%s %d %d\n%s\n" % (MAGIC, len(text), size, text)
 
 
-def _read_header(f: BinaryIO, path: Path, queue_id: str) -> tuple[SpoolEnvelope, int, int]:
-    """Parse the header of an open spool file: (envelope, message offset, message size)."""
+def _read_header(
+    f: BinaryIO, path: Path, queue_id: str, actual: int | None = None
+) -> tuple[SpoolEnvelope, int, int]:
+    """Parse the header of an open spool file: (envelope, message offset, message size).
+
+    ``actual`` is the file's size when the caller knows it (else fstat tells).
+    """
     line = f.readline(_MAX_HEADER_LINE)
     parts = line.split()
     if not line.endswith(b"\n") or len(parts) != 3 or parts[0] != MAGIC:
@@ -189,7 +197,8 @@ def _read_header(f: BinaryIO, path: Path, queue_id: str) -> tuple[SpoolEnvelope,
     if envelope.queue_id != queue_id:
         raise CorruptSpoolFile(path, f"envelope names queue id {envelope.queue_id!r}")
     offset = len(line) + envelope_size + 1
-    actual = os.fstat(f.fileno()).st_size
+    if actual is None:
+        actual = os.fstat(f.fileno()).st_size
     if actual != offset + size:
         raise CorruptSpoolFile(
             path, f"file is {actual} bytes, its header says {offset + size} (truncated?)"
@@ -741,17 +750,61 @@ class Spool:
         """The envelope and the message bytes; CorruptSpoolFile if the file is damaged.
 
         With ``include_held=False`` (what delivery uses) a message on hold is NoSuchMessage.
+        Reads with as few system calls as it can (open, fstat, one or two preads, close):
+        in a thread, each call is a trip through the GIL.
         """
-        _, path, f = self._open(queue_id, QUEUES if include_held else ACTIVE_QUEUES)
-        with f:
+        queue_id = _checked_id(queue_id)
+        path, fd = self._open_fd(queue_id, QUEUES if include_held else ACTIVE_QUEUES)
+        try:
             try:
-                envelope, _, size = _read_header(f, path, queue_id)
-                content = f.read(size)
+                actual = os.fstat(fd).st_size
+                head = os.pread(fd, min(actual, _HEAD_READ), 0)
+                line = head[: head.find(b"\n") + 1]
+                fields = line.split()
+                if len(fields) == 3 and fields[1].isdigit():
+                    # The envelope did not fit in the first read: read the header whole.
+                    wanted = len(line) + int(fields[1]) + 1
+                    if len(head) < wanted <= actual:
+                        head = os.pread(fd, wanted, 0)
+                envelope, offset, size = _read_header(io.BytesIO(head), path, queue_id, actual)
+                if offset + size <= len(head):
+                    content = head[offset : offset + size]
+                else:
+                    content = _pread_all(fd, size, offset)
             except OSError as exc:
                 raise _os_error("read", path, exc) from exc
+        finally:
+            os.close(fd)
         if len(content) != size:
             raise CorruptSpoolFile(path, "message truncated")
         return envelope, content
+
+    def _open_fd(self, queue_id: str, queues: Sequence[QueueName]) -> tuple[Path, int]:
+        for queue in queues:
+            path = self._queue_dir(queue) / queue_id
+            try:
+                return path, os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            except FileNotFoundError:
+                continue
+            except OSError as exc:
+                raise _os_error("open", path, exc) from exc
+        raise NoSuchMessage(f"{queue_id}: no such message in the spool")
+
+
+def _pread_all(fd: int, size: int, offset: int) -> bytes:
+    """``size`` bytes from ``offset`` (fewer only at the end of the file)."""
+    first = os.pread(fd, size, offset)
+    if len(first) == size or not first:
+        return first
+    parts = [first]
+    done = len(first)
+    while done < size:
+        chunk = os.pread(fd, size - done, offset + done)
+        if not chunk:
+            break
+        parts.append(chunk)
+        done += len(chunk)
+    return b"".join(parts)
 
 
 def _unlink_quietly(path: Path) -> None:
