@@ -381,7 +381,7 @@ class Config(BaseModel):
     data_term_timeout: float = Field(default=600.0, gt=0)
     shutdown_grace: float = Field(default=30.0, ge=0)
 
-    delivery_concurrency: int = Field(default=16, ge=1, le=256)
+    delivery_concurrency: int = Field(default=4, ge=1, le=256)
 
     tls_cert: Path | None = None
     tls_key: Path | None = None

@@ -601,5 +601,5 @@ async def test_unrecorded_last_copy_is_kept_by_defer(harness: Harness) -> None:
     assert len(harness.mailbox("carol@example.org")) == 1
 
 
-def test_default_concurrency_is_sixteen(harness: Harness) -> None:
-    assert harness.agent()._concurrency == 16
+def test_default_concurrency_is_four(harness: Harness) -> None:
+    assert harness.agent()._concurrency == 4

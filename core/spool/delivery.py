@@ -45,7 +45,7 @@ _MAX_DOUBLINGS = 30
 # Messages delivered at a time unless the caller says otherwise. Most of a delivery is
 # waiting for fsync, and the Maildir and spool directory fsyncs of concurrent deliveries
 # are shared, so more messages in flight mean fewer fsyncs per message.
-DEFAULT_CONCURRENCY = 16
+DEFAULT_CONCURRENCY = 4
 
 T = TypeVar("T")
 Ts = TypeVarTuple("Ts")
