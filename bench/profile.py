@@ -5,7 +5,7 @@
     .venv/bin/python -m bench.profile B        # mailgate serve, 10 KB, 20 sessions
     .venv/bin/python -m bench.profile C        # mailgate serve + 4 no-op milters
     .venv/bin/python -m bench.profile D        # mailgate serve, 10 x 20 MB + probe
-    options: --seconds 8  --loop uvloop  --milters 4  --out DIR (keeps the raw stacks)
+    options: --seconds 8  --loop asyncio  --milters 4  --out DIR (keeps the raw stacks)
 
 Starts the peer as the benchmark does, attaches ``py-spy record`` (needs ``pip install
 py-spy`` into the venv and root, or ptrace rights) for the duration of the load, and
@@ -106,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.profile")
     ap.add_argument("scenario", choices=("A", "A100k", "B", "C", "D"))
     ap.add_argument("--seconds", type=float, default=8.0)
-    ap.add_argument("--loop", choices=("asyncio", "uvloop"), default="asyncio")
+    ap.add_argument("--loop", choices=("asyncio", "uvloop"), default="uvloop")
     ap.add_argument("--milters", type=int, default=4, help="for C")
     ap.add_argument("--out", type=Path, default=None, help="keep the raw stacks here")
     args = ap.parse_args(argv)

@@ -211,7 +211,7 @@ class MailgateServe(Peer):
         self,
         work: Path,
         *,
-        loop: str = "asyncio",
+        loop: str = "uvloop",
         milters: list[str] | None = None,
         config: str = "",
         name: str | None = None,
@@ -224,7 +224,8 @@ class MailgateServe(Peer):
         self.milters = milters or []
         # YAML for MAILGATE_CONFIG (a chain of policy daemons with their rule files).
         self.config = config
-        self.name = name or ("mailgate" if loop == "asyncio" else f"mailgate-{loop}")
+        # uvloop is what `mailgate serve` runs on unless configured otherwise.
+        self.name = name or ("mailgate" if loop == "uvloop" else f"mailgate-{loop}")
         self.data_dir = work / f"{self.name}-data"
 
     @property

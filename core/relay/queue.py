@@ -465,7 +465,8 @@ class RelayAgent:
                     self._record(envelope, target, Outcome("permanent", "5.4.6", reason))
                 due = []
         for domain, targets in _by_domain(envelope, due).items():
-            await self._deliver(queue_id, envelope, content, domain, targets)
+            if await self._deliver(queue_id, envelope, content, domain, targets):
+                return  # the last target was taken: the message is gone from the spool
         self._expire(envelope)
         await self._notify(envelope, content)
         await self._finish(queue_id, envelope)
@@ -477,16 +478,28 @@ class RelayAgent:
         content: bytes,
         domain: str,
         targets: dict[str, str],
-    ) -> None:
+    ) -> bool:
+        """Try ``targets`` of one domain; True if that finished the message and removed it."""
         destination = self.router.destination(domain)
         if destination.transport == "hold":
             self._hold(envelope, targets)
-            return
+            return False
+        removed = False
 
         async def on_sent(sent: dict[str, Outcome]) -> None:
+            nonlocal removed
             for target, outcome in sent.items():
                 self._record(envelope, target, outcome)
-            await self._spool.update_envelope(queue_id, envelope)
+            if _complete(envelope):
+                # Nothing is left to send or to notify: removing the file records the
+                # 250 as well as rewriting it would (and without its fsyncs). As after
+                # a local delivery's last copy, only a crash of the machine before the
+                # directory's next fsync can send the message again.
+                await self._spool.remove(queue_id, durable=False)
+                log.info("%s: removed", queue_id)
+                removed = True
+            else:
+                await self._spool.update_envelope(queue_id, envelope)
 
         async with self._limit(destination.key):
             outcomes = await attempt(
@@ -504,6 +517,7 @@ class RelayAgent:
         for target, outcome in outcomes.items():
             if outcome.kind != "sent":
                 self._record(envelope, target, outcome)
+        return removed
 
     def _record(self, envelope: SpoolEnvelope, target: str, outcome: Outcome) -> None:
         state = envelope.remote[target]
@@ -639,6 +653,15 @@ def _by_domain(envelope: SpoolEnvelope, targets: list[str]) -> dict[str, dict[st
     for target in targets:
         groups.setdefault(domain_of(target), {})[target] = envelope.remote[target].orig
     return groups
+
+
+def _complete(envelope: SpoolEnvelope) -> bool:
+    """Whether nothing is left for a message: every target final and no notice owed."""
+    return (
+        not envelope.pending_recipients()
+        and not envelope.awaiting_outbound()
+        and not _deliver_by_notices(envelope)
+    )
 
 
 def _deliver_by_notices(envelope: SpoolEnvelope) -> list[tuple[str, NoticeKind]]:
