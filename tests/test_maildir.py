@@ -201,11 +201,11 @@ def test_concurrent_deliveries_share_the_new_directory_fsync(
     import threading
     import time
 
-    from mailgate.core.spool import maildir
+    from mailgate.core.spool import dirsync
 
     store.deliver("bob@example.org", MESSAGE, return_path="a@b")  # the mailbox exists
     new = store.root / "example.org" / "bob" / "new"
-    real = maildir._fsync_dir
+    real = dirsync.fsync_dir
     events: list[tuple[str, int]] = []  # ("start"|"end", files in new/ when it happened)
     lock = threading.Lock()
 
@@ -217,7 +217,7 @@ def test_concurrent_deliveries_share_the_new_directory_fsync(
         with lock:
             events.append(("end", len(os.listdir(new))))
 
-    monkeypatch.setattr(maildir, "_fsync_dir", slow_fsync)
+    monkeypatch.setattr(dirsync, "fsync_dir", slow_fsync)
     results: list[Path] = []
 
     def deliver() -> None:
@@ -237,14 +237,14 @@ def test_concurrent_deliveries_share_the_new_directory_fsync(
 def test_failed_new_directory_fsync_is_a_temporary_failure(
     store: MaildirStore, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from mailgate.core.spool import maildir
+    from mailgate.core.spool import dirsync
 
     store.deliver("bob@example.org", MESSAGE, return_path="a@b")
 
     def failing(path: Path) -> None:
         raise OSError(errno.EIO, "Input/output error")
 
-    monkeypatch.setattr(maildir, "_fsync_dir", failing)
+    monkeypatch.setattr(dirsync, "fsync_dir", failing)
     with pytest.raises(DeliveryError, match="Input/output error") as caught:
         store.deliver("bob@example.org", MESSAGE, return_path="a@b")
     assert not caught.value.permanent

@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mailgate.core.errors import DeliveryError
+from mailgate.core.spool.dirsync import DirSync, fsync_dir
 
 _SAFE = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._+=-")
 _MAX_COMPONENT = 255
@@ -150,7 +151,7 @@ class MaildirStore:
         self._counter = itertools.count(1)
         self._lock = threading.Lock()
         self._ready: set[Path] = set()
-        self._syncs: dict[Path, _DirSync] = {}
+        self._syncs: dict[Path, DirSync] = {}
 
     def mailbox_path(self, address: str) -> Path:
         """The Maildir of ``address``; DeliveryError (permanent) if it is no address."""
@@ -203,11 +204,11 @@ class MaildirStore:
             ) from exc
         return final
 
-    def _dir_sync(self, directory: Path) -> _DirSync:
+    def _dir_sync(self, directory: Path) -> DirSync:
         with self._lock:
             sync = self._syncs.get(directory)
             if sync is None:
-                sync = self._syncs[directory] = _DirSync(directory)
+                sync = self._syncs[directory] = DirSync(directory)
             return sync
 
     def _create_tmp(self, mailbox: Path, size: int) -> tuple[Path, int]:
@@ -236,7 +237,7 @@ class MaildirStore:
             return
         if not self.root.is_dir():
             self.root.mkdir(mode=_DIR_MODE, parents=True, exist_ok=True)
-            _fsync_dir(self.root.parent)
+            fsync_dir(self.root.parent)
         for path in (mailbox.parent, mailbox, mailbox / "tmp", mailbox / "new", mailbox / "cur"):
             _make_dir(path)
         with self._lock:
@@ -251,15 +252,7 @@ def _make_dir(path: Path) -> None:
             raise
         return
     # The new name must survive a crash along with the mail about to be put inside it.
-    _fsync_dir(path.parent)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    fsync_dir(path.parent)
 
 
 # Line-end conversion works on slices of this size, and for a big message one thread at
@@ -306,63 +299,6 @@ def _write_all(fd: int, parts: tuple[bytes, ...]) -> None:
             else:
                 views[0] = views[0][written:]
                 written = 0
-
-
-class _Round:
-    """One directory fsync: the tickets it covers, and how it ended."""
-
-    __slots__ = ("covers", "done", "error")
-
-    def __init__(self, covers: int) -> None:
-        self.covers = covers
-        self.done = threading.Event()
-        self.error: OSError | None = None
-
-
-class _DirSync:
-    """Group commit of one directory's fsync, for callers in threads.
-
-    A caller takes a ticket after its rename and returns once an fsync that started after
-    the ticket was taken has finished: that fsync covers the rename. While one fsync runs,
-    later callers wait and the next fsync, run by one of them, covers them all. A failed
-    fsync fails every caller it covered (their renames are not known to be durable).
-    """
-
-    def __init__(self, path: Path) -> None:
-        self._path = path
-        self._lock = threading.Lock()
-        self._requested = 0
-        self._current: _Round | None = None
-
-    def sync(self) -> None:
-        with self._lock:
-            self._requested += 1
-            ticket = self._requested
-        while True:
-            with self._lock:
-                current = self._current
-                leader = current is None
-                if current is None:
-                    current = self._current = _Round(self._requested)
-            if leader:
-                try:
-                    _fsync_dir(self._path)
-                except OSError as exc:
-                    current.error = exc
-                finally:
-                    with self._lock:
-                        self._current = None
-                    current.done.set()
-            else:
-                current.done.wait()
-            if current.covers >= ticket:
-                error = current.error
-                if error is not None:
-                    # A copy for each waiter: one exception object raised in many threads
-                    # would share (and garble) its traceback.
-                    raise OSError(error.errno, error.strerror, str(self._path)) from error
-                return
-            # That fsync began before our ticket was taken; ours is a later one.
 
 
 def _unlink_quietly(path: Path) -> None:

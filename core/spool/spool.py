@@ -50,6 +50,7 @@ from pathlib import Path
 from typing import BinaryIO, Literal, TypeVar, TypeVarTuple, Unpack
 
 from mailgate.core.errors import SpoolError
+from mailgate.core.spool.dirsync import DirSync, fsync_dir
 from mailgate.core.spool.envelope import SpoolEnvelope
 from mailgate.core.spool.queue_id import is_valid_queue_id
 
@@ -105,14 +106,6 @@ class SpoolEntry:
     path: Path
     envelope: SpoolEnvelope
     size: int
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _write_all(fd: int, parts: Sequence[bytes | bytearray | memoryview]) -> None:
@@ -289,6 +282,7 @@ class Spool:
         self._executors: dict[str, ThreadPoolExecutor] = {}
         self._executor_lock = threading.Lock()
         self._tmp_seq = itertools.count()
+        self._accept_syncs = {path: DirSync(path) for path in (self.incoming_dir, self.hold_dir)}
         self._syncs = {
             path: _GroupSync(path, self._fsync_dir_async)
             for path in (self.incoming_dir, self.deferred_dir, self.hold_dir, self.corrupt_dir)
@@ -337,7 +331,7 @@ class Spool:
             os.unlink(self.incoming_dir / name)
             log.info("%s: removed stale copy from incoming/ (moved to deferred/)", name)
         if both:
-            _fsync_dir(self.incoming_dir)
+            fsync_dir(self.incoming_dir)
         # Likewise a crash inside release(): once the active copy exists, delivery may have
         # begun from it, so the held copy must go or a second release would deliver twice.
         released = held & (incoming | deferred)
@@ -345,14 +339,14 @@ class Spool:
             os.unlink(self.hold_dir / name)
             log.info("%s: removed stale copy from hold/ (released)", name)
         if released:
-            _fsync_dir(self.hold_dir)
+            fsync_dir(self.hold_dir)
 
     def _make_dir(self, path: Path) -> None:
         try:
             if not path.is_dir():
                 path.mkdir(mode=_DIR_MODE, parents=True, exist_ok=True)
                 # The new directory's own name must survive a crash as well.
-                _fsync_dir(path.parent)
+                fsync_dir(path.parent)
         except OSError as exc:
             raise _os_error("create", path, exc) from exc
 
@@ -381,7 +375,7 @@ class Spool:
         return await loop.run_in_executor(self._pool("accept"), fn, *args)
 
     async def _fsync_dir_async(self, path: Path) -> None:
-        await asyncio.get_running_loop().run_in_executor(self._pool("dirsync"), _fsync_dir, path)
+        await asyncio.get_running_loop().run_in_executor(self._pool("dirsync"), fsync_dir, path)
 
     def _queue_dir(self, queue: QueueName) -> Path:
         return self._dirs[queue]
@@ -406,9 +400,8 @@ class Spool:
         queue_id = _checked_id(envelope.queue_id)
         header = _encode_header(envelope, len(prefix) + memoryview(content).nbytes)
         await self._run_accept(
-            self._write_new, queue_id, [header, prefix, content], self.incoming_dir
+            self._accept_new, queue_id, [header, prefix, content], self.incoming_dir
         )
-        await self._syncs[self.incoming_dir].sync()
 
     async def hold(
         self,
@@ -429,8 +422,21 @@ class Spool:
         envelope.held_at = time.time()
         envelope.released_at = None
         header = _encode_header(envelope, len(prefix) + memoryview(content).nbytes)
-        await self._run_accept(self._write_new, queue_id, [header, prefix, content], self.hold_dir)
-        await self._syncs[self.hold_dir].sync()
+        await self._run_accept(self._accept_new, queue_id, [header, prefix, content], self.hold_dir)
+
+    def _accept_new(
+        self, queue_id: str, parts: Sequence[bytes | bytearray | memoryview], directory: Path
+    ) -> None:
+        """In an acceptance thread: write the file, link it, fsync its directory.
+
+        The directory fsync is shared with the other acceptance threads (group commit
+        among threads), so a message costs one trip to a thread and back, not two.
+        """
+        self._write_new(queue_id, parts, directory)
+        try:
+            self._accept_syncs[directory].sync()
+        except OSError as exc:
+            raise _os_error("fsync directory", directory, exc) from exc
 
     def _write_new(
         self, queue_id: str, parts: Sequence[bytes | bytearray | memoryview], directory: Path
