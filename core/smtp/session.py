@@ -896,10 +896,11 @@ class MailgateSMTP(SMTP):
         while not reader.done:
             rest = reader.feed(await self._fill(timeout))
             timeout = config.data_block_timeout
-            # A read returns at once while the connection's buffer holds data, so a big
-            # message would keep the loop for as long as its client keeps it full: yield
-            # after each chunk, and every other session gets its turn in between.
-            await asyncio.sleep(0)
+            if not reader.done:
+                # A read returns at once while the connection's buffer holds data, so a
+                # big message would keep the loop for as long as its client keeps it
+                # full: yield after each chunk, and every other session gets a turn.
+                await asyncio.sleep(0)
         self.lines.feed(rest)
         await self._finish_message(reader.result())
 
@@ -988,7 +989,8 @@ class MailgateSMTP(SMTP):
             rest = reader.feed(await self._fill(timeout))
             if rest:
                 self.lines.feed(rest)
-            await asyncio.sleep(0)  # each chunk gives the other sessions a turn, as in DATA
+            if not reader.done:
+                await asyncio.sleep(0)  # each chunk gives the other sessions a turn, as in DATA
 
     async def _finish_message(self, result: DataResult) -> None:
         """The end of a message, from DATA's final dot or BDAT LAST: check, accept, answer."""
