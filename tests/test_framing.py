@@ -5,7 +5,13 @@ from __future__ import annotations
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mailgate.core.smtp.framing import DataReader, LineBuffer, TooLong, has_long_line
+from mailgate.core.smtp.framing import (
+    DataReader,
+    LineBuffer,
+    TooLong,
+    first_lf_dot,
+    has_long_line,
+)
 
 lines = st.lists(
     st.binary(max_size=80).map(lambda b: b.replace(b"\r", b"").replace(b"\n", b"")), max_size=30
@@ -97,3 +103,8 @@ def test_long_line_check_matches_splitting(data: bytes, limit: int) -> None:
     expected = max(map(len, data.split(b"\n"))) >= limit
     assert has_long_line(data, limit) is expected
     assert has_long_line(bytearray(data), limit) is expected
+
+
+@given(st.binary(max_size=200).map(lambda raw: raw.translate(bytes.maketrans(b"\x00\x01", b".\n"))))
+def testfirst_lf_dot_matches_find(data: bytes) -> None:
+    assert first_lf_dot(data) == data.find(b"\n.")
