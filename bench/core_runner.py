@@ -54,7 +54,7 @@ class DiscardSpool:
 
 
 class NoDelivery:
-    def submit(self, queue_id: str) -> None:
+    def submit(self, queue_id: str, stored: tuple[SpoolEnvelope, bytes] | None = None) -> None:
         pass
 
 

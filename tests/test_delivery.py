@@ -601,5 +601,44 @@ async def test_unrecorded_last_copy_is_kept_by_defer(harness: Harness) -> None:
     assert len(harness.mailbox("carol@example.org")) == 1
 
 
+async def test_message_handed_over_in_memory_is_delivered_without_reading_it_back(
+    harness: Harness, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    caplog.set_level(logging.INFO, logger="mailgate.delivery")
+    agent = harness.agent()
+    await agent.start()
+    envelope = SpoolEnvelope(new_queue_id(), "alice@example.org", ["bob@example.org"])
+    await harness.spool.store(envelope, MESSAGE)
+    loads: list[str] = []
+    real_load = harness.spool.load
+
+    def load(queue_id: str, **options: bool) -> tuple[SpoolEnvelope, bytes]:
+        loads.append(queue_id)
+        return real_load(queue_id, **options)
+
+    monkeypatch.setattr(harness.spool, "load", load)
+    agent.submit(envelope.queue_id, (envelope, MESSAGE))
+    await eventually(lambda: f"{envelope.queue_id}: removed" in caplog.text)
+    assert loads == []
+    (copy,) = harness.mailbox("bob@example.org")
+    assert copy.endswith(b"\nhello\n")
+    assert harness.spool.list_ids() == []
+
+
+async def test_handed_over_message_put_on_hold_meanwhile_is_not_delivered(
+    harness: Harness,
+) -> None:
+    agent = harness.agent()
+    await agent.start()
+    envelope = SpoolEnvelope(new_queue_id(), "alice@example.org", ["bob@example.org"])
+    await harness.spool.store(envelope, MESSAGE)
+    # The operator holds it before delivery gets to it: the copy in memory is stale.
+    await harness.spool.hold_queued(envelope.queue_id, "operator")
+    agent.submit(envelope.queue_id, (envelope, MESSAGE))
+    await asyncio.sleep(0.3)
+    assert harness.mailbox("bob@example.org") == []
+    assert harness.spool.list_ids("hold") == [envelope.queue_id]
+
+
 def test_default_concurrency_is_four(harness: Harness) -> None:
     assert harness.agent()._concurrency == 4

@@ -34,6 +34,8 @@ _HELO_UNSAFE = re.compile(r"[^\x21-\x7e]")
 
 
 _stamp: tuple[int, str] = (-1, "")
+# Messages up to this size are handed to delivery in memory; bigger ones are read back.
+_HAND_OVER = 256 * 1024
 
 
 def _date_stamp() -> str:
@@ -245,7 +247,10 @@ class DeliveryHandler:
             f"held: {hold_reason}" if hold_reason is not None else "queue active",
         )
         if hold_reason is None:
-            self.context.delivery.submit(queue_id)
+            # A small message goes to delivery as it was stored, sparing it the read back.
+            size = len(received) + len(content)
+            stored = (spool_envelope, received + content) if size <= _HAND_OVER else None
+            self.context.delivery.submit(queue_id, stored)
         return replies.queued(queue_id)
 
     async def _filter(

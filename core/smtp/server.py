@@ -64,7 +64,7 @@ class MessageSpool(Protocol):
 
 
 class DeliveryQueue(Protocol):
-    def submit(self, queue_id: str) -> None: ...
+    def submit(self, queue_id: str, stored: tuple[SpoolEnvelope, bytes] | None = None) -> None: ...
 
 
 @dataclass

@@ -46,6 +46,9 @@ _MAX_DOUBLINGS = 30
 # waiting for fsync, and the Maildir and spool directory fsyncs of concurrent deliveries
 # are shared, so more messages in flight mean fewer fsyncs per message.
 DEFAULT_CONCURRENCY = 4
+# At most this many message bytes wait in memory for delivery, handed over by the server
+# (beyond it, delivery reads the spool file as for any other message).
+_MAX_STORED_BYTES = 64 * 1024 * 1024
 
 T = TypeVar("T")
 Ts = TypeVarTuple("Ts")
@@ -126,6 +129,9 @@ class DeliveryAgent:
         self._active: set[str] = set()
         self._again: set[str] = set()
         self._timers: dict[str, asyncio.TimerHandle] = {}
+        # Messages handed over by the server that stored them, not read back (bounded).
+        self._stored: dict[str, tuple[SpoolEnvelope, bytes]] = {}
+        self._stored_bytes = 0
         self._workers: list[asyncio.Task[None]] = []
         self._executor: ThreadPoolExecutor | None = None
         self._scanner: asyncio.Task[None] | None = None
@@ -179,6 +185,8 @@ class DeliveryAgent:
             queue_id = self._queue.get_nowait()
             if queue_id is not None:
                 self._queued.discard(queue_id)
+        self._stored.clear()
+        self._stored_bytes = 0
         self._again.clear()
         for _ in self._workers:
             self._queue.put_nowait(None)
@@ -197,8 +205,13 @@ class DeliveryAgent:
             return await asyncio.to_thread(fn, *args)
         return await asyncio.get_running_loop().run_in_executor(executor, fn, *args)
 
-    def submit(self, queue_id: str) -> None:
-        """Deliver ``queue_id`` soon (called right after Spool.store). Never blocks."""
+    def submit(self, queue_id: str, stored: tuple[SpoolEnvelope, bytes] | None = None) -> None:
+        """Deliver ``queue_id`` soon (called right after Spool.store). Never blocks.
+
+        ``stored``: the envelope and bytes just written, from the server that stored them.
+        Delivery then skips reading the file back (a trip to a thread and the reads); it
+        still checks that the file is where it was stored, in incoming/ and nowhere newer.
+        """
         if self._stopping:
             return  # still spooled: the next start() delivers it
         timer = self._timers.pop(queue_id, None)
@@ -209,8 +222,17 @@ class DeliveryAgent:
             return
         if queue_id in self._queued:
             return
+        if stored is not None and self._stored_bytes + len(stored[1]) <= _MAX_STORED_BYTES:
+            self._stored[queue_id] = stored
+            self._stored_bytes += len(stored[1])
         self._queued.add(queue_id)
         self._queue.put_nowait(queue_id)
+
+    def _take_stored(self, queue_id: str) -> tuple[SpoolEnvelope, bytes] | None:
+        stored = self._stored.pop(queue_id, None)
+        if stored is not None:
+            self._stored_bytes -= len(stored[1])
+        return stored
 
     def scan_now(self) -> None:
         """Take up everything in incoming/ now instead of at the next periodic scan.
@@ -344,10 +366,14 @@ class DeliveryAgent:
     # -- one message -----------------------------------------------------------------
 
     async def _process(self, queue_id: str) -> None:
+        stored = self._take_stored(queue_id)
         try:
-            envelope, content = await self._blocking(
-                functools.partial(self._spool.load, queue_id, include_held=False)
-            )
+            if stored is not None and self._spool.is_fresh(queue_id):
+                envelope, content = stored
+            else:
+                envelope, content = await self._blocking(
+                    functools.partial(self._spool.load, queue_id, include_held=False)
+                )
         except NoSuchMessage:
             # Already delivered (a scan and a submit can race), deleted by the operator, or
             # on hold, which is never delivered from.

@@ -721,6 +721,16 @@ class Spool:
                 return queue, path
         raise NoSuchMessage(f"{queue_id}: no such message in the spool")
 
+    def is_fresh(self, queue_id: str) -> bool:
+        """Whether the message is in incoming/ and not in deferred/: as it was stored.
+
+        Looks at names only (two stats, cheap enough for the event loop).
+        """
+        queue_id = _checked_id(queue_id)
+        return not os.path.exists(self.deferred_dir / queue_id) and os.path.exists(
+            self.incoming_dir / queue_id
+        )
+
     def queue_of(self, queue_id: str) -> QueueName:
         """The queue a message is in (by the lookup rule), without reading its file."""
         return self._locate(_checked_id(queue_id))[0]
