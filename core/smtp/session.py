@@ -1040,9 +1040,8 @@ class MailgateSMTP(SMTP):
         self.busy = True
         task = asyncio.ensure_future(self.handler.accept_message(self, content))
         try:
-            return await asyncio.wait_for(
-                asyncio.shield(task), self.context.config.data_term_timeout
-            )
+            async with asyncio.timeout(self.context.config.data_term_timeout):
+                return await asyncio.shield(task)
         except TimeoutError:
             log.error("%s: message processing timed out", self.session_id)
             return replies.PROCESSING_TIMEOUT
