@@ -20,7 +20,8 @@ silent (never answers), garbage (answers OPTNEG with HTTP), stall (negotiates, t
 answers), badreply (a malformed REPLYCODE at CONNECT), earlymod (a modification at
 CONNECT), oversize (announces a 16 MiB frame), shutdown (SMFIR_SHUTDOWN at HELO), v2
 (negotiates protocol version 2 and reports the commands it received), skip (answers the
-first body chunk with SKIP and reports how many chunks came).
+first body chunk with SKIP and reports how many chunks came), eomstall (answers every
+stage but never the end of the message).
 """
 
 from __future__ import annotations
@@ -284,6 +285,8 @@ def _serve_raw(conn: socket.socket, mode: str) -> None:
                             send(ev.Skip())
                         else:
                             send(ev.Continue())
+                    case ev.EndOfMessage() if mode == "eomstall":
+                        continue
                     case ev.EndOfMessage():
                         report = json.dumps({"received": received, "chunks": chunks})
                         send(ev.AddHeader("X-Raw-Report", report), ev.Continue())

@@ -236,6 +236,39 @@ def test_failing_milter_with_default_accept_lets_mail_through(tmp_path: Path) ->
         gateway.stop()
 
 
+def test_end_of_data_processing_past_data_term_timeout_gets_451(tmp_path: Path) -> None:
+    # The milter never answers the end of the message; data_term_timeout (1 s) runs out
+    # long before its content_timeout (4 s), and then its default action refuses to store.
+    socket = f"inet:{free_port()}@127.0.0.1"
+    peer = Peer("raw-eomstall", socket, tmp_path / "peer.log")
+    gateway = make_gateway(tmp_path, data_term_timeout=1)
+    add_default_users(gateway)
+    config = config_file(
+        tmp_path,
+        f"  - name: slow\n    socket: {socket}\n    default_action: tempfail\n"
+        "    connect_timeout: 2\n    command_timeout: 2\n    content_timeout: 4\n",
+    )
+    gateway.extra_args = ["--config", str(config)]
+    gateway.start()
+    try:
+        with Wire(gateway.smtp_port) as wire:
+            assert wire.reply()[0] == 220
+            wire.cmd("EHLO client.example")
+            assert wire.cmd("MAIL FROM:<a@remote.example>")[0] == 250
+            assert wire.cmd(f"RCPT TO:<{ALICE}>")[0] == 250
+            assert wire.cmd("DATA")[0] == 354
+            # 4.4.2 is data_term_timeout's reply; the milter's own timeout would give its
+            # default action's 451 4.7.1.
+            code, text = wire.cmd("Subject: slow\r\n\r\nbody\r\n.")
+            assert (code, text) == (451, "4.4.2 Message processing timed out, try again later")
+            # The session goes on: the next transaction is answered normally.
+            assert wire.cmd("RSET")[0] == 250
+        assert gateway.wait_delivered(ALICE, 1, timeout=5) == []
+    finally:
+        gateway.stop()
+        peer.kill()
+
+
 def test_milter_dying_mid_message_loses_nothing_acknowledged(tmp_path: Path) -> None:
     socket = f"unix:{tmp_path / 'dying.sock'}"
     # This peer kills itself when a body contains DIE-IN-BODY (its name starts "dying").
