@@ -161,6 +161,28 @@ async def test_load_reads_envelopes_and_messages_of_any_size(
     assert content == b"Received: by test\r\n" + body
 
 
+async def test_big_message_is_written_in_flushed_steps(
+    spool: Spool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    flushes: list[int] = []
+    real = os.fdatasync
+
+    def fdatasync(fd: int) -> None:
+        flushes.append(os.fstat(fd).st_size)
+        real(fd)
+
+    monkeypatch.setattr(os, "fdatasync", fdatasync)
+    small, big = make_envelope(), make_envelope()
+    await spool.store(small, b"x" * 100_000)
+    assert flushes == []  # a small message is written at once, then fsync'd
+    body = os.urandom(5 * 1024 * 1024 + 123)
+    await spool.store(big, body)
+    # Every step (1 MiB, the last one shorter) is flushed before the next is written.
+    steps = [b - a for a, b in itertools.pairwise([0, *flushes])]
+    assert steps[:-1] == [1024 * 1024] * 5 and 0 < steps[-1] < 1024 * 1024
+    assert spool.load(big.queue_id)[1] == body
+
+
 async def test_store_accepts_memoryview_and_binary_content(spool: Spool) -> None:
     body = bytearray(os.urandom(300_000)) + b"\r\n.\r\n" + ALL_BYTES
     envelope = make_envelope(body_type="BINARYMIME")

@@ -120,6 +120,36 @@ def _write_all(fd: int, parts: Sequence[bytes | bytearray | memoryview]) -> None
                 written = 0
 
 
+# A big message goes to disk in steps of this size, each flushed (fdatasync) before the
+# next is written, so the disk's queue holds at most a step per big message: a small
+# message committed meanwhile waits behind that, not behind every big file at once (ten
+# 20 MB messages ending together held a 1 KB message's fsync for 100-300 ms).
+_PACE_STEP = 1024 * 1024
+
+
+def _write_paced(fd: int, parts: Sequence[bytes | bytearray | memoryview]) -> None:
+    """Write ``parts``; past two steps, flushing each step before the next."""
+    total = sum(len(part) for part in parts)
+    if total <= 2 * _PACE_STEP:
+        _write_all(fd, parts)
+        return
+    views = [memoryview(part).cast("B") for part in parts if len(part)]
+    while views:
+        step: list[memoryview] = []
+        room = _PACE_STEP
+        while views and room:
+            view = views[0]
+            if len(view) <= room:
+                step.append(views.pop(0))
+                room -= len(view)
+            else:
+                step.append(view[:room])
+                views[0] = view[room:]
+                room = 0
+        _write_all(fd, step)
+        os.fdatasync(fd)
+
+
 def prestart_threads(executor: ThreadPoolExecutor, count: int) -> None:
     """Make ``executor`` start ``count`` threads now rather than on demand.
 
@@ -449,7 +479,7 @@ class Spool:
             raise _os_error("create", tmp, exc) from exc
         try:
             try:
-                _write_all(fd, parts)
+                _write_paced(fd, parts)
                 os.fsync(fd)
             finally:
                 os.close(fd)
