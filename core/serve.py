@@ -24,6 +24,7 @@ from mailgate.core.smtp.server import ServerContext, SmtpServer
 from mailgate.core.spool.delivery import DeliveryAgent
 from mailgate.core.spool.maildir import MaildirStore
 from mailgate.core.spool.spool import Spool
+from mailgate.core.spool.writer import SpoolWriter
 from mailgate.core.supervisor import Supervisor, remove_pid_file, write_pid_file
 from mailgate.core.tls import ensure_certificate, server_context
 from mailgate.core.users.sqlite import SQLiteUserStore
@@ -33,8 +34,30 @@ log = logging.getLogger("mailgate")
 LOG_FORMAT = "%(asctime)s %(name)s[%(process)d]: %(levelname)s %(message)s"
 
 
+class _LogFormatter(logging.Formatter):
+    """LOG_FORMAT, with the time stamp formatted once per second rather than per line."""
+
+    _second = -1
+    _stamp = ""
+
+    def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
+        second = int(record.created)
+        if second != self._second:
+            self._stamp = time.strftime("%Y-%m-%d %H:%M:%S", self.converter(second))
+            self._second = second
+        return f"{self._stamp},{int(record.msecs):03d}"
+
+
 def setup_logging(level: str) -> None:
-    logging.basicConfig(level=level, format=LOG_FORMAT, stream=sys.stderr, force=True)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_LogFormatter(LOG_FORMAT))
+    logging.basicConfig(level=level, handlers=[handler], force=True)
+    # The logging HOWTO's optimisations for what LOG_FORMAT does not show: the caller's
+    # file and line (a stack walk per line), the thread and the multiprocessing name.
+    # Under load the server logs several lines per message.
+    logging._srcfile = None
+    logging.logThreads = False
+    logging.logMultiprocessing = False
     # aiosmtpd logs every command line at INFO; our session logs what an operator needs.
     logging.getLogger("mail.log").setLevel(logging.ERROR)
 
@@ -50,6 +73,9 @@ async def run_gateway(config: Config, *, ready: asyncio.Event | None = None) -> 
     spool = Spool(config.spool_dir)
     spool.start_threads()
     maildir = MaildirStore(config.mail_dir, config.hostname)
+    writer = SpoolWriter(config.spool_dir, config.mail_dir, config.hostname)
+    await writer.start()
+    spool.writer = writer
     local_domains = set(config.local_domains)
     relay: RelayAgent | None = None
     if config.outbound_delivery:
@@ -66,6 +92,7 @@ async def run_gateway(config: Config, *, ready: asyncio.Event | None = None) -> 
         concurrency=config.delivery_concurrency,
         is_local_domain=lambda domain: domain in local_domains or users.is_local_domain(domain),
         outbound=relay.submit if relay is not None else None,
+        writer=writer,
     )
     if relay is not None:
         # Notifications are new messages: local delivery takes them to a local sender's
@@ -96,6 +123,7 @@ async def run_gateway(config: Config, *, ready: asyncio.Event | None = None) -> 
         await server.start()
     except ConfigError:
         await supervisor.stop()
+        await writer.stop()
         users.close()
         spool.close()
         raise
@@ -128,6 +156,8 @@ async def run_gateway(config: Config, *, ready: asyncio.Event | None = None) -> 
     if relay is not None:
         await relay.stop()
     await delivery.stop()
+    spool.writer = None
+    await writer.stop()
     spool.close()
     users.close()
     remove_pid_file(config)

@@ -275,6 +275,9 @@ def once(daemon: Daemon, ip: str, sender: str, rcpt: str, **kwargs: Any) -> str:
 
 def triplets(daemon: Daemon) -> list[str]:
     with sqlite3.connect(daemon.db) as conn:  # type: ignore[attr-defined]
+        # The daemon makes its table with its first record: none yet is no triplet yet.
+        if not conn.execute("SELECT 1 FROM sqlite_master WHERE name = 'kv'").fetchone():
+            return []
         return [row[0] for row in conn.execute("SELECT key FROM kv WHERE key LIKE '%triplet:%'")]
 
 

@@ -567,3 +567,53 @@ def test_reader_never_creates_the_database(tmp_path: Path) -> None:
     with pytest.raises(UserStoreError, match="does not exist"):
         SQLiteUserStore(tmp_path / "missing.sqlite3", create=False)
     assert not (tmp_path / "missing.sqlite3").exists()
+
+
+def test_lookups_see_changes_made_anywhere_at_once(store: SQLiteUserStore, db_path: Path) -> None:
+    """Answers are kept between lookups, but never past a change to the database: one
+    made through this store, through another connection (the CLI) or by a raw write."""
+    store.add_domain("example.org")
+    assert store.resolve("bob@example.org") is None
+    assert not store.user_exists("bob@example.org")
+    store.add_user("bob@example.org", "correct horse battery")  # this connection
+    assert store.resolve("bob@example.org") == ["bob@example.org"]
+    assert store.user_exists("bob@example.org")
+
+    other = SQLiteUserStore(db_path)  # another process's view, as `mailgate user` has
+    try:
+        other.add_alias("team@example.org", "bob@example.org")
+        assert store.resolve("team@example.org") == ["bob@example.org"]
+        other.add_alias("team@example.org", "carol@example.net")
+        assert store.resolve("team@example.org") == ["bob@example.org", "carol@example.net"]
+        other.delete_user("bob@example.org")
+        assert not store.user_exists("bob@example.org")
+        assert store.resolve("bob@example.org") is None
+        assert not store.is_local_domain("example.info")
+        other.add_domain("example.info")
+        assert store.is_local_domain("example.info")
+        other.delete_domain("example.info")
+        assert not store.is_local_domain("example.info")
+    finally:
+        other.close()
+    assert not store.is_local_domain("example.biz")
+    with sqlite3.connect(db_path) as raw:
+        raw.execute("INSERT INTO domains (domain, created_at) VALUES ('example.biz', 0)")
+    assert store.is_local_domain("example.biz")
+
+
+def test_a_cached_answer_cannot_be_changed_by_its_caller(store: SQLiteUserStore) -> None:
+    store.add_domain("example.org")
+    store.add_user("bob@example.org", "correct horse battery")
+    first = store.resolve("bob@example.org")
+    assert first is not None
+    first.append("mallory@example.net")
+    assert store.resolve("bob@example.org") == ["bob@example.org"]
+
+
+def test_alias_loops_are_reported_on_every_lookup(store: SQLiteUserStore) -> None:
+    store.add_domain("example.org")
+    store.add_alias("a@example.org", "b@example.org")
+    store.add_alias("b@example.org", "a@example.org")
+    for _ in range(2):
+        with pytest.raises(UserStoreError, match="loop"):
+            store.resolve("a@example.org")

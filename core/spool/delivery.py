@@ -36,6 +36,7 @@ from typing import Protocol, TypeVar, TypeVarTuple, Unpack
 from mailgate.core.errors import DeliveryError, SpoolError
 from mailgate.core.spool.envelope import RecipientState, SpoolEnvelope
 from mailgate.core.spool.spool import CorruptSpoolFile, NoSuchMessage, Spool, prestart_threads
+from mailgate.core.spool.writer import MAX_PAYLOAD, SpoolWriter
 
 log = logging.getLogger("mailgate.delivery")
 
@@ -108,6 +109,7 @@ class DeliveryAgent:
         scan_interval: float = 300.0,
         is_local_domain: Callable[[str], bool] | None = None,
         outbound: Callable[[str], None] | None = None,
+        writer: SpoolWriter | None = None,
     ) -> None:
         if concurrency < 1:
             raise ValueError("concurrency must be at least 1")
@@ -122,6 +124,9 @@ class DeliveryAgent:
         # The outbound relay's submit: called once local work is done and remote targets
         # or notifications are left. Without it they wait in deferred/.
         self._outbound = outbound
+        # Maildir copies of up to MAX_PAYLOAD bytes are written by the spool writer
+        # process when there is one; bigger ones, and all without it, in our threads.
+        self._writer = writer
         self._queue: asyncio.Queue[str | None] = asyncio.Queue()
         # A second submit of a queued id is a no-op; one of an id being delivered runs it
         # again afterwards, since the submitter may know of work the running pass missed.
@@ -518,15 +523,7 @@ class DeliveryAgent:
             return None
         try:
             if local:
-                await self._blocking(
-                    functools.partial(
-                        self._maildir.deliver,
-                        target,
-                        content,
-                        return_path=envelope.mail_from,
-                        binary=binary,
-                    )
-                )
+                await self._write_copy(target, content, envelope.mail_from, binary)
         except DeliveryError as exc:
             if exc.permanent:
                 return self._bounce(queue_id, envelope, rcpt, target, str(exc))
@@ -556,6 +553,19 @@ class DeliveryAgent:
             # Recorded before the next copy is written, so a crash cannot repeat this one.
             await self._spool.update_envelope(queue_id, envelope)
         return "sent"
+
+    async def _write_copy(
+        self, target: str, content: bytes, return_path: str, binary: bool
+    ) -> None:
+        writer = self._writer
+        if writer is not None and len(content) <= MAX_PAYLOAD:
+            await writer.deliver(target, content, return_path=return_path, binary=binary)
+            return
+        await self._blocking(
+            functools.partial(
+                self._maildir.deliver, target, content, return_path=return_path, binary=binary
+            )
+        )
 
     def _local_domain(self, domain: str) -> bool:
         if self._is_local_domain is None:

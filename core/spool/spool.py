@@ -47,12 +47,13 @@ from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import BinaryIO, Literal, TypeVar, TypeVarTuple, Unpack
+from typing import BinaryIO, Literal, TypeVar, TypeVarTuple, Unpack, cast
 
 from mailgate.core.errors import SpoolError
 from mailgate.core.spool.dirsync import DirSync, fsync_dir
 from mailgate.core.spool.envelope import SpoolEnvelope
 from mailgate.core.spool.queue_id import is_valid_queue_id
+from mailgate.core.spool.writer import MAX_PAYLOAD, SpoolWriter
 
 log = logging.getLogger("mailgate.spool")
 
@@ -305,6 +306,9 @@ class Spool:
             "hold": self.hold_dir,
         }
         self._io_threads = io_threads
+        # The process that makes acceptances and removals (SpoolWriter), if one is used:
+        # the server sets it; without it the spool's own threads do all the writing.
+        self.writer: SpoolWriter | None = None
         # Three pools, so that no kind of work waits behind another: acceptance (store and
         # hold: write and fsync the new file), directory fsyncs (at most one in flight per
         # directory, and every acceptance waits for one), and the rest (delivery's updates,
@@ -429,9 +433,7 @@ class Spool:
         """
         queue_id = _checked_id(envelope.queue_id)
         header = _encode_header(envelope, len(prefix) + memoryview(content).nbytes)
-        await self._run_accept(
-            self._accept_new, queue_id, [header, prefix, content], self.incoming_dir
-        )
+        await self._accept(queue_id, [header, prefix, content], "incoming")
 
     async def hold(
         self,
@@ -452,7 +454,16 @@ class Spool:
         envelope.held_at = time.time()
         envelope.released_at = None
         header = _encode_header(envelope, len(prefix) + memoryview(content).nbytes)
-        await self._run_accept(self._accept_new, queue_id, [header, prefix, content], self.hold_dir)
+        await self._accept(queue_id, [header, prefix, content], "hold")
+
+    async def _accept(
+        self, queue_id: str, parts: Sequence[bytes | bytearray | memoryview], queue: QueueName
+    ) -> None:
+        writer = self.writer
+        if writer is not None and sum(memoryview(part).nbytes for part in parts) <= MAX_PAYLOAD:
+            await writer.accept(queue_id, queue, parts)
+        else:
+            await self._run_accept(self._accept_new, queue_id, parts, self._dirs[queue])
 
     def _accept_new(
         self, queue_id: str, parts: Sequence[bytes | bytearray | memoryview], directory: Path
@@ -669,7 +680,11 @@ class Spool:
         before then delivers the message once more; it never loses one.
         """
         queue_id = _checked_id(queue_id)
-        removed = await self._run(self._unlink_everywhere, queue_id)
+        if self.writer is not None:
+            queues = await self.writer.unlink(queue_id)
+            removed = [self._dirs[cast(QueueName, queue)] for queue in queues]
+        else:
+            removed = await self._run(self._unlink_everywhere, queue_id)
         if not removed:
             raise NoSuchMessage(f"{queue_id}: no such message in the spool")
         if durable:

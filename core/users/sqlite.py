@@ -18,7 +18,7 @@ import os
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -41,6 +41,10 @@ from mailgate.core.users.store import (
 __all__ = ["SCHEMA_VERSION", "SQLiteUserStore"]
 
 _BUSY_TIMEOUT = 30.0
+# Lookup answers kept per thread between changes to the database; past this many the
+# cache starts again, so probing random addresses cannot grow it without bound.
+_MAX_ANSWERS = 10_000
+_MISS = object()
 
 # _MIGRATIONS[n] brings a database from version n to n + 1; never edit a shipped entry.
 _MIGRATIONS: tuple[str, ...] = (
@@ -183,6 +187,9 @@ class SQLiteUserStore(UserStore):
             if conn.in_transaction:
                 conn.execute("ROLLBACK")
             raise UserStoreError(f"{self.path}: {exc}") from exc
+        finally:
+            # data_version does not move for a connection's own commits.
+            self._local.answers = None
 
     @contextlib.contextmanager
     def _read(self) -> Iterator[sqlite3.Connection]:
@@ -207,6 +214,53 @@ class SQLiteUserStore(UserStore):
             # A read-only transaction: ending it only releases the snapshot.
             with contextlib.suppress(sqlite3.Error):
                 conn.execute("COMMIT")
+
+    # -- cached lookups ----------------------------------------------------------------
+    #
+    # The server asks the same questions for every message (is the domain ours, who is
+    # behind this recipient), at RCPT and again at delivery. The answers are kept until
+    # the database changes: ``PRAGMA data_version`` moves when another connection (the
+    # CLI, another thread) commits, and a commit of our own clears the cache, so a user
+    # added or removed is seen by the next lookup.
+
+    def _answers(self) -> dict[tuple[str, str], Any] | None:
+        local = self._local
+        try:
+            conn = self._conn()
+            if conn.in_transaction:
+                return None
+            version = conn.execute("PRAGMA data_version").fetchone()[0]
+        except (sqlite3.Error, UserStoreError):
+            return None
+        answers: dict[tuple[str, str], Any] | None = getattr(local, "answers", None)
+        if answers is None or local.version != version or len(answers) >= _MAX_ANSWERS:
+            answers = local.answers = {}
+            local.version = version
+        return answers
+
+    def _cached(self, kind: str, key: str, lookup: Callable[[str], Any]) -> Any:
+        answers = self._answers()
+        if answers is None:
+            return lookup(key)
+        found = answers.get((kind, key), _MISS)
+        if found is _MISS:
+            # An error (an alias loop) is not kept: it is raised again on every lookup.
+            found = answers[kind, key] = lookup(key)
+        return found
+
+    def is_local_domain(self, domain: str) -> bool:
+        return bool(self._cached("domain", domain, super().is_local_domain))
+
+    def user_exists(self, address: str) -> bool:
+        return bool(self._cached("user", address, super().user_exists))
+
+    def resolve(self, recipient: str) -> list[str] | None:
+        found = self._cached("resolve", recipient, self._resolved)
+        return None if found is None else list(found)
+
+    def _resolved(self, recipient: str) -> tuple[str, ...] | None:
+        resolved = super().resolve(recipient)
+        return None if resolved is None else tuple(resolved)
 
     def _migrate(self) -> None:
         with self._write() as db:

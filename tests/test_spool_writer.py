@@ -1,0 +1,227 @@
+"""The spool writer process: acceptance, Maildir copies and removals made in a process of
+its own, with the same results and guarantees as the spool's threads, and what happens
+when that process dies."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+from test_spool import MESSAGE, make_envelope
+
+from mailgate.core.errors import DeliveryError, SpoolError
+from mailgate.core.spool.delivery import DeliveryAgent
+from mailgate.core.spool.maildir import MaildirStore
+from mailgate.core.spool.spool import NoSuchMessage, Spool
+from mailgate.core.spool.writer import MAX_PAYLOAD, SpoolWriter, WriterUnavailable
+
+HOSTNAME = "mx.example.org"
+
+
+@pytest.fixture
+async def writer(tmp_path: Path) -> AsyncIterator[SpoolWriter]:
+    writer = SpoolWriter(tmp_path / "spool", tmp_path / "mail", HOSTNAME)
+    yield writer
+    await writer.stop()
+
+
+@pytest.fixture
+async def spool(tmp_path: Path, writer: SpoolWriter) -> AsyncIterator[Spool]:
+    spool = Spool(tmp_path / "spool")
+    spool.writer = writer
+    await writer.start()
+    yield spool
+    spool.writer = None
+    spool.close()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # A zombie still answers kill(0); its state in /proc says it is gone.
+    with open(f"/proc/{pid}/stat") as stat:
+        return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
+
+
+async def test_acceptance_through_the_writer_matches_the_threads(
+    spool: Spool, writer: SpoolWriter, tmp_path: Path
+) -> None:
+    by_writer = make_envelope()
+    await spool.store(by_writer, MESSAGE, prefix=b"Received: by writer\r\n")
+    assert writer.pid is not None and writer.pid != os.getpid()
+    direct = Spool(tmp_path / "direct")
+    by_threads = make_envelope(queue_id=by_writer.queue_id)
+    await direct.store(by_threads, MESSAGE, prefix=b"Received: by writer\r\n")
+    direct.close()
+
+    written = (spool.incoming_dir / by_writer.queue_id).read_bytes()
+    assert written == (direct.incoming_dir / by_writer.queue_id).read_bytes()
+    envelope, content = spool.load(by_writer.queue_id)
+    assert envelope == by_writer
+    assert content == b"Received: by writer\r\n" + MESSAGE
+    assert os.listdir(spool.tmp_dir) == []
+
+
+async def test_hold_goes_to_hold_through_the_writer(spool: Spool) -> None:
+    envelope = make_envelope()
+    await spool.hold(envelope, bytearray(MESSAGE), "suspicious")
+    assert (spool.hold_dir / envelope.queue_id).exists()
+    assert not (spool.incoming_dir / envelope.queue_id).exists()
+    held, content = spool.load(envelope.queue_id)
+    assert held.quarantine_reason == "suspicious"
+    assert content == MESSAGE
+
+
+async def test_a_queue_id_in_use_is_refused_by_the_writer(spool: Spool) -> None:
+    envelope = make_envelope()
+    await spool.store(envelope, MESSAGE)
+    with pytest.raises(SpoolError, match="already in use"):
+        await spool.store(make_envelope(queue_id=envelope.queue_id), b"other\r\n")
+    assert spool.load(envelope.queue_id)[1] == MESSAGE
+
+
+async def test_removal_through_the_writer(spool: Spool) -> None:
+    envelope = make_envelope()
+    await spool.store(envelope, MESSAGE)
+    await spool.remove(envelope.queue_id, durable=False)
+    assert not (spool.incoming_dir / envelope.queue_id).exists()
+    with pytest.raises(NoSuchMessage):
+        await spool.remove(envelope.queue_id)
+
+
+async def test_maildir_copy_through_the_writer_matches_the_store(
+    writer: SpoolWriter, tmp_path: Path
+) -> None:
+    path = await writer.deliver(
+        "bob@example.org", b"Subject: hi\r\n\r\nbody\r\n", return_path="alice@example.org"
+    )
+    assert path.parent == tmp_path / "mail" / "example.org" / "bob" / "new"
+    assert path.read_bytes() == (
+        b"Return-Path: <alice@example.org>\nDelivered-To: bob@example.org\nSubject: hi\n\nbody\n"
+    )
+    # The writer's name carries its own pid, so it cannot collide with the server's.
+    assert f"P{writer.pid}Q" in path.name
+    local = MaildirStore(tmp_path / "mail", HOSTNAME).deliver(
+        "bob@example.org", b"Subject: hi\r\n\r\nbody\r\n", return_path="alice@example.org"
+    )
+    assert local.read_bytes() == path.read_bytes()
+    binary = await writer.deliver("bob@example.org", b"a\r\nb\x00\r\n", return_path="", binary=True)
+    assert binary.read_bytes().endswith(b"a\r\nb\x00\r\n")
+
+
+async def test_delivery_errors_keep_their_kind(writer: SpoolWriter, tmp_path: Path) -> None:
+    with pytest.raises(DeliveryError) as permanent:
+        await writer.deliver("no-at-sign", b"x\r\n", return_path="")
+    assert permanent.value.permanent
+    # A file where the domain's directory should be: a file system error, retried later.
+    (tmp_path / "mail").mkdir()
+    (tmp_path / "mail" / "example.net").write_text("in the way")
+    with pytest.raises(DeliveryError) as temporary:
+        await writer.deliver("bob@example.net", b"x\r\n", return_path="")
+    assert not temporary.value.permanent
+
+
+async def test_concurrent_requests_are_answered_each_to_its_caller(spool: Spool) -> None:
+    envelopes = [make_envelope() for _ in range(40)]
+    bodies = [f"Subject: {n}\r\n\r\n".encode() + os.urandom(2000 + 97 * n) for n in range(40)]
+    await asyncio.gather(*(spool.store(e, b) for e, b in zip(envelopes, bodies, strict=True)))
+    for envelope, body in zip(envelopes, bodies, strict=True):
+        assert spool.load(envelope.queue_id)[1] == body
+
+
+async def test_a_dead_writer_fails_its_requests_and_the_next_one_starts_a_new_writer(
+    spool: Spool, writer: SpoolWriter
+) -> None:
+    first = writer.pid
+    assert first is not None
+    os.kill(first, signal.SIGSTOP)
+    envelope = make_envelope()
+    pending = asyncio.create_task(spool.store(envelope, MESSAGE))
+    await asyncio.sleep(0.2)
+    assert not pending.done()  # the writer has the request and cannot answer it
+    os.kill(first, signal.SIGKILL)
+    with pytest.raises(WriterUnavailable, match="exited"):
+        await asyncio.wait_for(pending, 10)
+    # Never acknowledged; the copy it may have begun is in tmp/, which recovery clears.
+    assert not (spool.incoming_dir / envelope.queue_id).exists()
+
+    again = make_envelope()
+    await spool.store(again, MESSAGE)
+    assert writer.pid not in (None, first)
+    assert spool.load(again.queue_id)[1] == MESSAGE
+    for _ in range(50):
+        if not _alive(first):
+            break
+        await asyncio.sleep(0.1)
+    assert not _alive(first)
+
+
+async def test_big_messages_bypass_the_writer(spool: Spool, writer: SpoolWriter) -> None:
+    pid = writer.pid
+    assert pid is not None
+    os.kill(pid, signal.SIGSTOP)  # a request sent to it now would wait
+    try:
+        envelope = make_envelope()
+        big = b"Subject: big\r\n\r\n" + (b"x" * 998 + b"\r\n") * (MAX_PAYLOAD // 1000 + 1)
+        await asyncio.wait_for(spool.store(envelope, big), 30)
+        assert spool.load(envelope.queue_id)[1] == big
+    finally:
+        os.kill(pid, signal.SIGCONT)
+
+
+async def test_stop_finishes_requests_then_ends_the_process(
+    spool: Spool, writer: SpoolWriter
+) -> None:
+    pid = writer.pid
+    assert pid is not None
+    envelopes = [make_envelope() for _ in range(10)]
+    stores = [asyncio.create_task(spool.store(e, MESSAGE)) for e in envelopes]
+    await asyncio.sleep(0)
+    await writer.stop()
+    await asyncio.gather(*stores)
+    assert all((spool.incoming_dir / e.queue_id).exists() for e in envelopes)
+    assert writer.pid is None
+    assert not _alive(pid)
+    with pytest.raises(WriterUnavailable, match="stopped"):
+        await spool.store(make_envelope(), MESSAGE)
+
+
+class _Users:
+    def resolve(self, recipient: str) -> list[str] | None:
+        if recipient == "team@example.org":
+            return ["bob@example.org", "carol@example.org"]
+        return [recipient] if recipient.endswith("@example.org") else None
+
+    def user_exists(self, address: str) -> bool:
+        return address.endswith("@example.org")
+
+
+async def test_local_delivery_writes_its_copies_through_the_writer(
+    spool: Spool, writer: SpoolWriter, tmp_path: Path
+) -> None:
+    agent = DeliveryAgent(
+        spool, MaildirStore(tmp_path / "mail", HOSTNAME), _Users(), scan_interval=0, writer=writer
+    )
+    await agent.start()
+    try:
+        envelope = make_envelope(rcpt_tos=["team@example.org"], rcpt_options=[[]])
+        await spool.store(envelope, MESSAGE)
+        agent.submit(envelope.queue_id, stored=(envelope, MESSAGE))
+        for _ in range(200):
+            if not spool.list_ids():
+                break
+            await asyncio.sleep(0.02)
+        assert spool.list_ids() == []
+    finally:
+        await agent.stop()
+    for user in ("bob", "carol"):
+        new = tmp_path / "mail" / "example.org" / user / "new"
+        (name,) = os.listdir(new)
+        assert f"P{writer.pid}Q" in name
+        assert (new / name).read_bytes().endswith(MESSAGE.replace(b"\r\n", b"\n"))
