@@ -73,7 +73,9 @@ async def run_gateway(config: Config, *, ready: asyncio.Event | None = None) -> 
     spool = Spool(config.spool_dir)
     spool.start_threads()
     maildir = MaildirStore(config.mail_dir, config.hostname)
-    writer = SpoolWriter(config.spool_dir, config.mail_dir, config.hostname)
+    writer = SpoolWriter(
+        config.spool_dir, config.mail_dir, config.hostname, threads=config.spool_writer_threads
+    )
     await writer.start()
     spool.writer = writer
     local_domains = set(config.local_domains)
