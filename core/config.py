@@ -382,7 +382,7 @@ class Config(BaseModel):
     shutdown_grace: float = Field(default=30.0, ge=0)
 
     delivery_concurrency: int = Field(default=4, ge=1, le=256)
-    spool_writer_threads: int = Field(default=4, ge=1, le=256)
+    spool_writer_threads: int = Field(default=4, ge=0, le=256)
 
     tls_cert: Path | None = None
     tls_key: Path | None = None

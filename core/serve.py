@@ -73,11 +73,13 @@ async def run_gateway(config: Config, *, ready: asyncio.Event | None = None) -> 
     spool = Spool(config.spool_dir)
     spool.start_threads()
     maildir = MaildirStore(config.mail_dir, config.hostname)
-    writer = SpoolWriter(
-        config.spool_dir, config.mail_dir, config.hostname, threads=config.spool_writer_threads
-    )
-    await writer.start()
-    spool.writer = writer
+    writer: SpoolWriter | None = None
+    if config.spool_writer_threads:
+        writer = SpoolWriter(
+            config.spool_dir, config.mail_dir, config.hostname, threads=config.spool_writer_threads
+        )
+        await writer.start()
+        spool.writer = writer
     local_domains = set(config.local_domains)
     relay: RelayAgent | None = None
     if config.outbound_delivery:
@@ -125,7 +127,8 @@ async def run_gateway(config: Config, *, ready: asyncio.Event | None = None) -> 
         await server.start()
     except ConfigError:
         await supervisor.stop()
-        await writer.stop()
+        if writer is not None:
+            await writer.stop()
         users.close()
         spool.close()
         raise
@@ -159,7 +162,8 @@ async def run_gateway(config: Config, *, ready: asyncio.Event | None = None) -> 
         await relay.stop()
     await delivery.stop()
     spool.writer = None
-    await writer.stop()
+    if writer is not None:
+        await writer.stop()
     spool.close()
     users.close()
     remove_pid_file(config)

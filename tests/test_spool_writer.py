@@ -5,8 +5,10 @@ when that process dies."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -18,6 +20,8 @@ from mailgate.core.spool.delivery import DeliveryAgent
 from mailgate.core.spool.maildir import MaildirStore
 from mailgate.core.spool.spool import NoSuchMessage, Spool
 from mailgate.core.spool.writer import MAX_PAYLOAD, SpoolWriter, WriterUnavailable
+
+from conftest import DOMAIN, Gateway
 
 HOSTNAME = "mx.example.org"
 
@@ -45,8 +49,11 @@ def _alive(pid: int) -> bool:
     except ProcessLookupError:
         return False
     # A zombie still answers kill(0); its state in /proc says it is gone.
-    with open(f"/proc/{pid}/stat") as stat:
-        return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
 
 
 async def test_acceptance_through_the_writer_matches_the_threads(
@@ -225,3 +232,67 @@ async def test_local_delivery_writes_its_copies_through_the_writer(
         (name,) = os.listdir(new)
         assert f"P{writer.pid}Q" in name
         assert (new / name).read_bytes().endswith(MESSAGE.replace(b"\r\n", b"\n"))
+
+
+def _writer_pids(server: int) -> list[int]:
+    children: list[int] = []
+    for task in os.listdir(f"/proc/{server}/task"):
+        with open(f"/proc/{server}/task/{task}/children") as listing:
+            children += [int(pid) for pid in listing.read().split()]
+    found = []
+    for pid in children:
+        with contextlib.suppress(FileNotFoundError), open(f"/proc/{pid}/cmdline", "rb") as cmd:
+            if b"mailgate.core.spool.writer" in cmd.read():
+                found.append(pid)
+    return found
+
+
+def _send(gateway: Gateway, subject: str) -> None:
+    with gateway.smtp() as client:
+        client.sendmail(
+            "someone@example.net",
+            [f"bob@{DOMAIN}"],
+            f"Subject: {subject}\r\n\r\nbody\r\n".encode(),
+        )
+
+
+def test_the_server_runs_a_writer_and_replaces_one_that_dies(fresh_gateway: Gateway) -> None:
+    fresh_gateway.start()
+    assert fresh_gateway.process is not None
+    (writer,) = _writer_pids(fresh_gateway.process.pid)
+    _send(fresh_gateway, "first")
+    assert len(fresh_gateway.wait_delivered(f"bob@{DOMAIN}", 1)) == 1
+
+    os.kill(writer, signal.SIGKILL)
+    deadline = time.monotonic() + 10
+    while "spool writer exited" not in fresh_gateway.log() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert "spool writer exited; the next request starts a new one" in fresh_gateway.log()
+    # No request was in flight, so none fails: the next message starts a new writer.
+    _send(fresh_gateway, "second")
+    delivered = fresh_gateway.wait_delivered(f"bob@{DOMAIN}", 2)
+    assert [b"Subject: second" in message for message in delivered].count(True) == 1
+    (replacement,) = _writer_pids(fresh_gateway.process.pid)
+    assert replacement != writer
+    assert f"spool writer started (pid {replacement})" in fresh_gateway.log()
+
+    assert fresh_gateway.stop() == 0
+    for _ in range(100):
+        if not _alive(replacement):
+            break
+        time.sleep(0.05)
+    assert not _alive(replacement), "the writer outlived the server"
+
+
+def test_without_a_writer_the_server_writes_itself(fresh_gateway: Gateway) -> None:
+    fresh_gateway.env["MAILGATE_SPOOL_WRITER_THREADS"] = "0"
+    fresh_gateway.start()
+    assert fresh_gateway.process is not None
+    assert _writer_pids(fresh_gateway.process.pid) == []
+    _send(fresh_gateway, "threads")
+    (message,) = fresh_gateway.wait_delivered(f"bob@{DOMAIN}", 1)
+    assert b"Subject: threads" in message
+    assert (
+        f"P{fresh_gateway.process.pid}Q"
+        in os.listdir(fresh_gateway.maildir(f"bob@{DOMAIN}") / "new")[0]
+    )

@@ -241,8 +241,9 @@ class SpoolWriter:
         # Requests not yet sent are failed with the rest, never sent to a later writer.
         self._outgoing = []
         pending, self._pending = self._pending, {}
-        if pending and not self._closed:
-            log.error("spool writer exited with %d request(s) unanswered", len(pending))
+        if not self._closed:
+            unanswered = f" with {len(pending)} request(s) unanswered" if pending else ""
+            log.error("spool writer exited%s; the next request starts a new one", unanswered)
         for future in pending.values():
             if not future.done():
                 future.set_exception(WriterUnavailable("the spool writer exited"))
