@@ -296,3 +296,48 @@ def test_without_a_writer_the_server_writes_itself(fresh_gateway: Gateway) -> No
         f"P{fresh_gateway.process.pid}Q"
         in os.listdir(fresh_gateway.maildir(f"bob@{DOMAIN}") / "new")[0]
     )
+
+
+async def test_stop_signals_do_not_end_the_writer(spool: Spool, writer: SpoolWriter) -> None:
+    """A group-wide SIGTERM or SIGINT (systemd stopping the unit, Ctrl-C) reaches the
+    writer too; it keeps serving until the server closes its socket."""
+    pid = writer.pid
+    assert pid is not None
+    await spool.store(make_envelope(), MESSAGE)  # the writer is up, its handlers set
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        os.kill(pid, signum)
+    await asyncio.sleep(0.2)
+    envelope = make_envelope()
+    await spool.store(envelope, MESSAGE)
+    assert writer.pid == pid
+    assert spool.load(envelope.queue_id)[1] == MESSAGE
+
+
+def test_a_stop_sent_to_every_process_still_lets_open_sessions_finish(
+    fresh_gateway: Gateway,
+) -> None:
+    """systemd stops a unit by signalling each of its processes: the writer must outlast
+    the server's grace period, in which open sessions still get their 250."""
+    fresh_gateway.start()
+    assert fresh_gateway.process is not None
+    server = fresh_gateway.process.pid
+    (writer,) = _writer_pids(server)
+    client = fresh_gateway.smtp()
+    client.ehlo("client.example")
+    client.mail("someone@example.net")
+    client.rcpt(f"bob@{DOMAIN}")
+    for pid in (server, writer):
+        os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + 10
+    while "shutting down" not in fresh_gateway.log() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert "shutting down" in fresh_gateway.log()
+    code, reply = client.data(b"Subject: during the stop\r\n\r\nbody\r\n")
+    assert code == 250, reply
+    client.quit()
+    assert fresh_gateway.process.wait(30) == 0
+    queue_id = reply.decode().rsplit(" ", 1)[-1]
+    spooled = fresh_gateway.data_dir / "spool" / "incoming" / queue_id
+    delivered = fresh_gateway.delivered(f"bob@{DOMAIN}")
+    assert spooled.exists() or any(b"during the stop" in m for m in delivered)
+    assert not _alive(writer)

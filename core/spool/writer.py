@@ -35,6 +35,7 @@ import contextlib
 import logging
 import pickle
 import queue
+import signal
 import socket
 import struct
 import sys
@@ -376,6 +377,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--hostname", required=True)
     parser.add_argument("--threads", type=int, default=DEFAULT_THREADS)
     args = parser.parse_args(argv)
+    # The server decides when the writer ends (EOF on the socket, after the last answer it
+    # waits for). A stop signal sent to the whole group (Ctrl-C in a terminal, systemd's
+    # stop of the unit's processes) must not end it while the server, draining its
+    # sessions, still needs it.
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(signum, signal.SIG_IGN)
     logging.basicConfig(level=logging.WARNING, format="mailgate spool writer: %(message)s")
     sock = socket.socket(fileno=args.fd)
     _Worker(sock, args.spool, args.mail, args.hostname).serve(args.threads)
