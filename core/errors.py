@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 
 class MailgateError(Exception):
     """Base of every error raised deliberately by mailgate.core."""
@@ -25,6 +27,18 @@ class UserStoreError(MailgateError):
 
 class SpoolError(MailgateError):
     """A message could not be written to, read from or removed from the spool."""
+
+
+class CorruptSpoolFile(SpoolError):
+    """A spool file exists but cannot be parsed (truncated, damaged, foreign)."""
+
+    def __init__(self, path: Path, problem: str) -> None:
+        super().__init__(f"{path}: {problem}")
+        self.path = path
+
+
+class NoSuchMessage(SpoolError):
+    """No spool file has this queue id (delivered, deleted, or never stored)."""
 
 
 class DeliveryError(MailgateError):

@@ -18,7 +18,7 @@ from test_spool import MESSAGE, make_envelope
 from mailgate.core.errors import DeliveryError, SpoolError
 from mailgate.core.spool.delivery import DeliveryAgent
 from mailgate.core.spool.maildir import MaildirStore
-from mailgate.core.spool.spool import NoSuchMessage, Spool
+from mailgate.core.spool.spool import CorruptSpoolFile, NoSuchMessage, Spool
 from mailgate.core.spool.writer import MAX_PAYLOAD, SpoolWriter, WriterUnavailable
 
 from conftest import DOMAIN, Gateway
@@ -341,3 +341,42 @@ def test_a_stop_sent_to_every_process_still_lets_open_sessions_finish(
     delivered = fresh_gateway.delivered(f"bob@{DOMAIN}")
     assert spooled.exists() or any(b"during the stop" in m for m in delivered)
     assert not _alive(writer)
+
+
+async def test_defer_and_updates_through_the_writer(spool: Spool) -> None:
+    envelope = make_envelope()
+    await spool.store(envelope, MESSAGE)
+    envelope.relay["carol@example.org"] = "carol@example.org"
+    envelope.attempts = 1
+    await spool.defer(envelope.queue_id, envelope)
+    assert not (spool.incoming_dir / envelope.queue_id).exists()
+    moved, content = spool.load(envelope.queue_id)
+    assert spool.queue_of(envelope.queue_id) == "deferred"
+    assert moved == envelope and content == MESSAGE
+
+    envelope.delivered.append("bob@example.org")
+    await spool.update_envelope(envelope.queue_id, envelope)
+    assert spool.load(envelope.queue_id) == (envelope, MESSAGE)
+    assert spool.queue_of(envelope.queue_id) == "deferred"
+
+    held = make_envelope()
+    await spool.hold(held, MESSAGE, "suspicious")
+    held.quarantine_reason = "reviewed"
+    await spool.update_envelope(held.queue_id, held)
+    assert spool.load(held.queue_id)[0].quarantine_reason == "reviewed"
+    assert spool.queue_of(held.queue_id) == "hold"
+    assert os.listdir(spool.tmp_dir) == []
+
+
+async def test_the_writers_errors_keep_their_type(spool: Spool) -> None:
+    missing = make_envelope()
+    with pytest.raises(NoSuchMessage):
+        await spool.defer(missing.queue_id, missing)
+    with pytest.raises(NoSuchMessage):
+        await spool.update_envelope(missing.queue_id, missing)
+    broken = make_envelope()
+    (spool.incoming_dir / broken.queue_id).write_bytes(b"not a spool file\n")
+    with pytest.raises(CorruptSpoolFile) as corrupt:
+        await spool.defer(broken.queue_id, broken)
+    assert corrupt.value.path == spool.incoming_dir / broken.queue_id
+    assert str(corrupt.value).startswith(str(spool.incoming_dir / broken.queue_id))

@@ -49,6 +49,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import BinaryIO, Literal, TypeVar, TypeVarTuple, Unpack, cast
 
+from mailgate.core.errors import CorruptSpoolFile as CorruptSpoolFile  # re-exported
+from mailgate.core.errors import NoSuchMessage as NoSuchMessage  # re-exported
 from mailgate.core.errors import SpoolError
 from mailgate.core.spool.dirsync import DirSync, fsync_dir
 from mailgate.core.spool.envelope import SpoolEnvelope
@@ -84,18 +86,6 @@ _NO_LINK = {errno.EPERM, errno.EOPNOTSUPP, errno.ENOSYS}
 
 T = TypeVar("T")
 Ts = TypeVarTuple("Ts")
-
-
-class CorruptSpoolFile(SpoolError):
-    """A spool file exists but cannot be parsed (truncated, damaged, foreign)."""
-
-    def __init__(self, path: Path, problem: str) -> None:
-        super().__init__(f"{path}: {problem}")
-        self.path = path
-
-
-class NoSuchMessage(SpoolError):
-    """No spool file has this queue id (delivered, deleted, or never stored)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -316,7 +306,11 @@ class Spool:
         self._executors: dict[str, ThreadPoolExecutor] = {}
         self._executor_lock = threading.Lock()
         self._tmp_seq = itertools.count()
-        self._accept_syncs = {path: DirSync(path) for path in (self.incoming_dir, self.hold_dir)}
+        # Group commit among threads (the acceptance threads here, the spool writer's
+        # threads in its process); _syncs below serves the event loop's callers.
+        self._thread_syncs = {
+            path: DirSync(path) for path in (self.incoming_dir, self.deferred_dir, self.hold_dir)
+        }
         self._syncs = {
             path: _GroupSync(path, self._fsync_dir_async)
             for path in (self.incoming_dir, self.deferred_dir, self.hold_dir, self.corrupt_dir)
@@ -474,8 +468,11 @@ class Spool:
         among threads), so a message costs one trip to a thread and back, not two.
         """
         self._write_new(queue_id, parts, directory)
+        self._sync_dir_now(directory)
+
+    def _sync_dir_now(self, directory: Path) -> None:
         try:
-            self._accept_syncs[directory].sync()
+            self._thread_syncs[directory].sync()
         except OSError as exc:
             raise _os_error("fsync directory", directory, exc) from exc
 
@@ -528,6 +525,9 @@ class Spool:
     async def update_envelope(self, queue_id: str, envelope: SpoolEnvelope) -> None:
         """Durably replace the envelope of a spooled message, in the queue it is in."""
         queue_id = self._matching_id(queue_id, envelope)
+        if self.writer is not None:
+            await self.writer.rewrite(queue_id, envelope, defer=False)
+            return
         queue, path = self._locate(queue_id)
         await self._run(
             self._rewrite, path, self._queue_dir(queue), queue_id, lambda _: envelope, os.replace
@@ -541,6 +541,9 @@ class Spool:
         so that nothing on the delivery path can take a message out of hold/.
         """
         queue_id = self._matching_id(queue_id, envelope)
+        if self.writer is not None:
+            await self.writer.rewrite(queue_id, envelope, defer=True)
+            return
         queue, path = self._locate(queue_id, ACTIVE_QUEUES)
         await self._run(
             self._rewrite, path, self.deferred_dir, queue_id, lambda _: envelope, os.replace
@@ -550,6 +553,25 @@ class Spool:
             # Only after the deferred copy is durable may the incoming one go.
             await self._run(_unlink_quietly, path)
             await self._syncs[self.incoming_dir].sync()
+
+    def rewrite_now(self, queue_id: str, envelope: SpoolEnvelope, *, defer: bool) -> None:
+        """``defer`` (with ``defer``) or ``update_envelope`` as one blocking call, for the
+        spool writer: the same steps in the same order, the directory fsyncs shared among
+        the calling threads."""
+        queue_id = self._matching_id(queue_id, envelope)
+        if not defer:
+            queue, path = self._locate(queue_id)
+            directory = self._queue_dir(queue)
+            self._rewrite(path, directory, queue_id, lambda _: envelope, os.replace)
+            self._sync_dir_now(directory)
+            return
+        queue, path = self._locate(queue_id, ACTIVE_QUEUES)
+        self._rewrite(path, self.deferred_dir, queue_id, lambda _: envelope, os.replace)
+        self._sync_dir_now(self.deferred_dir)
+        if queue == "incoming":
+            # Only after the deferred copy is durable may the incoming one go.
+            _unlink_quietly(path)
+            self._sync_dir_now(self.incoming_dir)
 
     def _matching_id(self, queue_id: str, envelope: SpoolEnvelope) -> str:
         if envelope.queue_id != queue_id:

@@ -9,8 +9,8 @@ of its own, as Postfix's ``cleanup`` and ``virtual`` do beside ``smtpd``: the se
 a request over a Unix socket and goes on serving until the answer comes.
 
 The writer runs exactly the code the server would otherwise run in its threads
-(``Spool._accept_new``, ``MaildirStore.deliver``, ``Spool._unlink_everywhere``), with the
-same guarantees: an acceptance is answered only after the file and its directory are
+(``Spool._accept_new``, ``MaildirStore.deliver``, ``Spool.rewrite_now`` for ``defer`` and
+``update_envelope``, ``Spool._unlink_everywhere``), with the same guarantees: an acceptance is answered only after the file and its directory are
 fsync'd, so the server still says 250 only for a message on disk. If the writer dies,
 every request it had not answered fails (the SMTP client gets a temporary error and
 sends again, delivery retries later) and the next request starts a new writer. Writes it
@@ -43,9 +43,12 @@ import threading
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from mailgate.core.errors import DeliveryError, SpoolError
+from mailgate.core.errors import CorruptSpoolFile, DeliveryError, NoSuchMessage, SpoolError
+
+if TYPE_CHECKING:
+    from mailgate.core.spool.envelope import SpoolEnvelope
 
 log = logging.getLogger("mailgate.spool.writer")
 
@@ -67,6 +70,17 @@ Payload = Sequence[bytes | bytearray | memoryview]
 
 class WriterUnavailable(SpoolError):
     """The writer process died, or could not be started, before it answered."""
+
+
+def _error(kind: str, text: str, detail: Any) -> Exception:
+    """The exception a failed request raises in the server: the writer's, rebuilt."""
+    if kind == "delivery":
+        return DeliveryError(text, permanent=bool(detail))
+    if kind == "nosuch":
+        return NoSuchMessage(text)
+    if kind == "corrupt":
+        return CorruptSpoolFile(Path(text), str(detail))
+    return SpoolError(text)
 
 
 # -- the server's side ---------------------------------------------------------------
@@ -228,11 +242,7 @@ class SpoolWriter:
         if ok:
             future.set_result(result)
             return
-        kind, text, permanent = result
-        if kind == "delivery":
-            future.set_exception(DeliveryError(text, permanent=permanent))
-        else:
-            future.set_exception(SpoolError(text))
+        future.set_exception(_error(*result))
 
     def _lost(self, protocol: _Answers) -> None:
         if protocol is not self._protocol:
@@ -271,6 +281,10 @@ class SpoolWriter:
             raise DeliveryError(str(exc)) from exc
         return Path(path)
 
+    async def rewrite(self, queue_id: str, envelope: SpoolEnvelope, *, defer: bool) -> None:
+        """``Spool.defer`` (with ``defer``) or ``Spool.update_envelope``, durably."""
+        await self._call("rewrite", (queue_id, envelope, defer))
+
     async def unlink(self, queue_id: str) -> list[str]:
         """Remove ``queue_id`` from every queue; the queues it was in."""
         queues: list[str] = await self._call("unlink", (queue_id,))
@@ -284,7 +298,6 @@ class _Worker:
     """The writer process: reads requests, runs each on a thread, answers in any order."""
 
     def __init__(self, sock: socket.socket, spool_root: Path, mail_root: Path, hostname: str):
-        # Imported here: the server imports this module for SpoolWriter alone.
         from mailgate.core.spool.maildir import MaildirStore
         from mailgate.core.spool.spool import Spool
 
@@ -326,6 +339,11 @@ class _Worker:
             result: tuple[int, bool, Any] = (request_id, True, self._do(op, args, payload))
         except DeliveryError as exc:
             result = (request_id, False, ("delivery", str(exc), exc.permanent))
+        except NoSuchMessage as exc:
+            result = (request_id, False, ("nosuch", str(exc), False))
+        except CorruptSpoolFile as exc:
+            problem = str(exc).removeprefix(f"{exc.path}: ")
+            result = (request_id, False, ("corrupt", str(exc.path), problem))
         except SpoolError as exc:
             result = (request_id, False, ("spool", str(exc), False))
         except Exception as exc:  # an answer for every request, whatever went wrong
@@ -363,6 +381,10 @@ class _Worker:
             return str(
                 self._maildir.deliver(address, payload, return_path=return_path, binary=binary)
             )
+        if op == "rewrite":
+            queue_id, envelope, defer = args
+            self._spool.rewrite_now(queue_id, envelope, defer=defer)
+            return None
         if op == "unlink":
             (queue_id,) = args
             return [path.name for path in self._spool._unlink_everywhere(queue_id)]
