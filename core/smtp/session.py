@@ -386,7 +386,7 @@ class MailgateSMTP(SMTP):
         except UnicodeDecodeError:
             await self.reply(replies.BAD_CHARACTERS)
             return
-        if any(ord(c) < 32 and c != "\t" for c in line) or "\x7f" in line:
+        if _CONTROL.search(line):
             await self.reply(replies.BAD_CHARACTERS)
             return
         try:
@@ -1050,6 +1050,8 @@ class MailgateSMTP(SMTP):
 
 
 _HEADER_END = re.compile(rb"\r?\n\r?\n")
+# Control characters a command line may not hold (TAB is allowed).
+_CONTROL = re.compile("[\x00-\x08\x0a-\x1f\x7f]")
 _RECEIVED = re.compile(rb"^Received:", re.IGNORECASE | re.MULTILINE)
 
 

@@ -10,8 +10,9 @@ a request over a Unix socket and goes on serving until the answer comes.
 
 The writer runs exactly the code the server would otherwise run in its threads
 (``Spool._accept_new``, ``MaildirStore.deliver``, ``Spool.rewrite_now`` for ``defer`` and
-``update_envelope``, ``Spool._unlink_everywhere``), with the same guarantees: an acceptance is answered only after the file and its directory are
-fsync'd, so the server still says 250 only for a message on disk. If the writer dies,
+``update_envelope``, ``Spool._unlink_everywhere``), with the same guarantees: an
+acceptance is answered only after the file and its directory are fsync'd, so the server
+still says 250 only for a message on disk. If the writer dies,
 every request it had not answered fails (the SMTP client gets a temporary error and
 sends again, delivery retries later) and the next request starts a new writer. Writes it
 had finished stay on disk; one it was making is left in ``tmp/``, which recovery clears.
