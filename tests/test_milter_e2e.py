@@ -189,13 +189,25 @@ class Peer:
         self.log.close()
 
 
-def failing_gateway(tmp_path: Path, socket: str, default_action: str) -> Gateway:
-    gateway = make_gateway(tmp_path)
+def failing_gateway(
+    tmp_path: Path,
+    socket: str,
+    default_action: str,
+    *,
+    name: str = "broken",
+    timeouts: tuple[int, int, int] = (1, 1, 2),
+    **settings: object,
+) -> Gateway:
+    """A started gateway whose chain is one milter at ``socket``; ``timeouts`` are its
+    connect, command and content timeouts, ``settings`` the gateway's own."""
+    gateway = make_gateway(tmp_path, **settings)
     add_default_users(gateway)
+    connect, command, content = timeouts
     config = config_file(
         tmp_path,
-        f"  - name: broken\n    socket: {socket}\n    default_action: {default_action}\n"
-        "    connect_timeout: 1\n    command_timeout: 1\n    content_timeout: 2\n",
+        f"  - name: {name}\n    socket: {socket}\n    default_action: {default_action}\n"
+        f"    connect_timeout: {connect}\n    command_timeout: {command}\n"
+        f"    content_timeout: {content}\n",
     )
     gateway.extra_args = ["--config", str(config)]
     gateway.start()
@@ -241,15 +253,9 @@ def test_end_of_data_processing_past_data_term_timeout_gets_451(tmp_path: Path) 
     # long before its content_timeout (4 s), and then its default action refuses to store.
     socket = f"inet:{free_port()}@127.0.0.1"
     peer = Peer("raw-eomstall", socket, tmp_path / "peer.log")
-    gateway = make_gateway(tmp_path, data_term_timeout=1)
-    add_default_users(gateway)
-    config = config_file(
-        tmp_path,
-        f"  - name: slow\n    socket: {socket}\n    default_action: tempfail\n"
-        "    connect_timeout: 2\n    command_timeout: 2\n    content_timeout: 4\n",
+    gateway = failing_gateway(
+        tmp_path, socket, "tempfail", name="slow", timeouts=(2, 2, 4), data_term_timeout=1
     )
-    gateway.extra_args = ["--config", str(config)]
-    gateway.start()
     try:
         with Wire(gateway.smtp_port) as wire:
             assert wire.reply()[0] == 220
