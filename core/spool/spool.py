@@ -37,6 +37,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import functools
 import io
 import itertools
 import logging
@@ -524,15 +525,7 @@ class Spool:
 
     async def update_envelope(self, queue_id: str, envelope: SpoolEnvelope) -> None:
         """Durably replace the envelope of a spooled message, in the queue it is in."""
-        queue_id = self._matching_id(queue_id, envelope)
-        if self.writer is not None:
-            await self.writer.rewrite(queue_id, envelope, defer=False)
-            return
-        queue, path = self._locate(queue_id)
-        await self._run(
-            self._rewrite, path, self._queue_dir(queue), queue_id, lambda _: envelope, os.replace
-        )
-        await self._syncs[self._queue_dir(queue)].sync()
+        await self._rewrite_envelope(queue_id, envelope, defer=False)
 
     async def defer(self, queue_id: str, envelope: SpoolEnvelope) -> None:
         """Move a message to deferred/ with a new envelope (in place if already there).
@@ -540,23 +533,20 @@ class Spool:
         Only for messages in incoming/ or deferred/: a held message is NoSuchMessage here,
         so that nothing on the delivery path can take a message out of hold/.
         """
+        await self._rewrite_envelope(queue_id, envelope, defer=True)
+
+    async def _rewrite_envelope(
+        self, queue_id: str, envelope: SpoolEnvelope, *, defer: bool
+    ) -> None:
         queue_id = self._matching_id(queue_id, envelope)
         if self.writer is not None:
-            await self.writer.rewrite(queue_id, envelope, defer=True)
-            return
-        queue, path = self._locate(queue_id, ACTIVE_QUEUES)
-        await self._run(
-            self._rewrite, path, self.deferred_dir, queue_id, lambda _: envelope, os.replace
-        )
-        await self._syncs[self.deferred_dir].sync()
-        if queue == "incoming":
-            # Only after the deferred copy is durable may the incoming one go.
-            await self._run(_unlink_quietly, path)
-            await self._syncs[self.incoming_dir].sync()
+            await self.writer.rewrite(queue_id, envelope, defer=defer)
+        else:
+            await self._run(functools.partial(self.rewrite_now, queue_id, envelope, defer=defer))
 
     def rewrite_now(self, queue_id: str, envelope: SpoolEnvelope, *, defer: bool) -> None:
-        """``defer`` (with ``defer``) or ``update_envelope`` as one blocking call, for the
-        spool writer: the same steps in the same order, the directory fsyncs shared among
+        """``defer`` (with ``defer``) or ``update_envelope`` as one blocking call, in a
+        thread of the spool or of the spool writer: the directory fsyncs are shared among
         the calling threads."""
         queue_id = self._matching_id(queue_id, envelope)
         if not defer:
