@@ -213,7 +213,7 @@ async def test_local_delivery_writes_its_copies_through_the_writer(
     spool: Spool, writer: SpoolWriter, tmp_path: Path
 ) -> None:
     agent = DeliveryAgent(
-        spool, MaildirStore(tmp_path / "mail", HOSTNAME), _Users(), scan_interval=0, writer=writer
+        spool, MaildirStore(tmp_path / "mail", HOSTNAME), _Users(), scan_interval=0
     )
     await agent.start()
     try:
@@ -260,6 +260,8 @@ def test_the_server_runs_a_writer_and_replaces_one_that_dies(fresh_gateway: Gate
     fresh_gateway.start()
     assert fresh_gateway.process is not None
     (writer,) = _writer_pids(fresh_gateway.process.pid)
+    # In a session of its own, out of reach of a Ctrl-C meant for the server.
+    assert os.getsid(writer) == writer != os.getsid(fresh_gateway.process.pid)
     _send(fresh_gateway, "first")
     assert len(fresh_gateway.wait_delivered(f"bob@{DOMAIN}", 1)) == 1
 

@@ -174,7 +174,10 @@ class SpoolWriter:
                 "--threads",
                 str(self.threads),
             ]
-            self._process = await asyncio.create_subprocess_exec(*argv, pass_fds=(theirs.fileno(),))
+            # A session of its own: a Ctrl-C at the terminal goes to the server alone.
+            self._process = await asyncio.create_subprocess_exec(
+                *argv, pass_fds=(theirs.fileno(),), start_new_session=True
+            )
         except OSError as exc:
             ours.close()
             raise WriterUnavailable(f"cannot start the spool writer: {exc}") from exc
