@@ -96,7 +96,6 @@ async def run_gateway(config: Config, *, ready: asyncio.Event | None = None) -> 
         concurrency=config.delivery_concurrency,
         is_local_domain=lambda domain: domain in local_domains or users.is_local_domain(domain),
         outbound=relay.submit if relay is not None else None,
-        writer=writer,
     )
     if relay is not None:
         # Notifications are new messages: local delivery takes them to a local sender's

@@ -36,7 +36,7 @@ from typing import Protocol, TypeVar, TypeVarTuple, Unpack
 from mailgate.core.errors import DeliveryError, SpoolError
 from mailgate.core.spool.envelope import RecipientState, SpoolEnvelope
 from mailgate.core.spool.spool import CorruptSpoolFile, NoSuchMessage, Spool, prestart_threads
-from mailgate.core.spool.writer import MAX_PAYLOAD, SpoolWriter
+from mailgate.core.spool.writer import MAX_PAYLOAD
 
 log = logging.getLogger("mailgate.delivery")
 
@@ -109,7 +109,6 @@ class DeliveryAgent:
         scan_interval: float = 300.0,
         is_local_domain: Callable[[str], bool] | None = None,
         outbound: Callable[[str], None] | None = None,
-        writer: SpoolWriter | None = None,
     ) -> None:
         if concurrency < 1:
             raise ValueError("concurrency must be at least 1")
@@ -124,9 +123,6 @@ class DeliveryAgent:
         # The outbound relay's submit: called once local work is done and remote targets
         # or notifications are left. Without it they wait in deferred/.
         self._outbound = outbound
-        # Maildir copies of up to MAX_PAYLOAD bytes are written by the spool writer
-        # process when there is one; bigger ones, and all without it, in our threads.
-        self._writer = writer
         self._queue: asyncio.Queue[str | None] = asyncio.Queue()
         # A second submit of a queued id is a no-op; one of an id being delivered runs it
         # again afterwards, since the submitter may know of work the running pass missed.
@@ -557,7 +553,9 @@ class DeliveryAgent:
     async def _write_copy(
         self, target: str, content: bytes, return_path: str, binary: bool
     ) -> None:
-        writer = self._writer
+        # Copies of up to MAX_PAYLOAD bytes are written by the spool's writer process when
+        # it has one; bigger ones, and all without it, in the agent's threads.
+        writer = self._spool.writer
         if writer is not None and len(content) <= MAX_PAYLOAD:
             await writer.deliver(target, content, return_path=return_path, binary=binary)
             return

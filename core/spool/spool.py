@@ -297,8 +297,9 @@ class Spool:
             "hold": self.hold_dir,
         }
         self._io_threads = io_threads
-        # The process that makes acceptances and removals (SpoolWriter), if one is used:
-        # the server sets it; without it the spool's own threads do all the writing.
+        # The process that writes acceptances, rewrites and removals of messages up to
+        # its MAX_PAYLOAD (SpoolWriter), if one is used: the server sets it; without it
+        # the spool's own threads do all the writing.
         self.writer: SpoolWriter | None = None
         # Three pools, so that no kind of work waits behind another: acceptance (store and
         # hold: write and fsync the new file), directory fsyncs (at most one in flight per
